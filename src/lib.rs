@@ -1,0 +1,10 @@
+//! llama-pow: the LLaMA-based proof of compute of the Gonka network.
+//!
+//! Layout: [`pow`] is the pure protocol (parameters, numpy-exact random streams, weights,
+//! distances, nonce schedules: no I/O, no GPU); [`backend`] computes the forward pass on a
+//! device; [`cli`] holds the command-line front ends.
+
+pub mod backend;
+pub mod cli;
+pub mod engine;
+pub mod pow;

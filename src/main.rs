@@ -1,0 +1,64 @@
+//! The `llama-pow` binary.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "llama-pow", version, about = "Proof-of-compute server for the LLaMA-based PoW of the Gonka network")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compute the distances of `count` consecutive nonces on the CPU and print them as JSON.
+    ///
+    /// Input: one JSON object with block_hash, public_key, params, start_nonce, r_target
+    /// (block_height, batch_size, count, dtype optional).
+    Compute {
+        /// Read the request from this file instead of standard input.
+        #[arg(long)]
+        request: Option<PathBuf>,
+    },
+    /// Print the hashes of the pool, the parameters, the target, and the inputs and
+    /// permutations of `count` nonces, to check an install against the reference.
+    Facts {
+        /// Read the request from this file instead of standard input.
+        #[arg(long)]
+        request: Option<PathBuf>,
+        /// Hash only these parameters' values (repeatable); all of them by default.
+        #[arg(long = "param", value_name = "NAME")]
+        params: Vec<String>,
+    },
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Compute { request } => {
+            let req = llama_pow::cli::read_request(request.as_deref())?;
+            let out = llama_pow::cli::compute::run(&req)?;
+            println!("{}", serde_json::to_string(&out)?);
+        }
+        Command::Facts { request, params } => {
+            let req = llama_pow::cli::read_request(request.as_deref())?;
+            let out = llama_pow::cli::facts::run(&req, &params)?;
+            println!("{}", serde_json::to_string(&out)?);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes, outermost first.
+            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("llama-pow: {}", msg.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}

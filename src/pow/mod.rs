@@ -1,0 +1,11 @@
+//! The protocol, pure: everything here is deterministic arithmetic with no I/O and no GPU.
+
+pub mod dtype;
+pub mod facts;
+pub mod nonces;
+pub mod params;
+pub mod proof;
+pub mod request;
+pub mod rng;
+pub mod seeds;
+pub mod weights;

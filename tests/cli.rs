@@ -1,0 +1,135 @@
+//! The `llama-pow` binary as an operator runs it: compute and facts on golden cases, and one
+//! clear line on stderr for a bad request.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn run(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llama-pow"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn request_for(case: &Value, count: usize, dtype: &str) -> Value {
+    json!({
+        "block_hash": case["block_hash"],
+        "public_key": case["public_key"],
+        "params": case["params"],
+        "start_nonce": case["nonces"][0],
+        "r_target": case["r_target"],
+        "block_height": 12,
+        "batch_size": 5,
+        "count": count,
+        "dtype": dtype,
+    })
+}
+
+#[test]
+fn compute_matches_the_reference_distances() {
+    for (name, dtype, tol) in [("tiny_f16", "f16", 1e-5), ("seq1_bignonce_f16", "f16", 1e-5), ("tiny_bf16", "bf16", 1e-4)] {
+        let case = load(&format!("{name}.json"));
+        let count = 12.min(case["nonces"].as_array().unwrap().len());
+        let out = run(&["compute"], &request_for(&case, count, dtype).to_string());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(u64s(&v["nonces"]), u64s(&case["nonces"])[..count].to_vec());
+        let want = f64s(&case["dist"]);
+        for (g, w) in f64s(&v["dist"]).iter().zip(&want) {
+            assert!((g - w).abs() <= tol, "{name}: {g} vs {w}");
+        }
+        let r = case["r_target"].as_f64().unwrap();
+        let valid: Vec<u64> = u64s(&v["nonces"])
+            .into_iter()
+            .zip(f64s(&v["dist"]))
+            .filter(|&(_, d)| d < r)
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(u64s(&v["valid_nonces"]), valid);
+        assert_eq!(f64s(&v["valid_dist"]).len(), valid.len());
+    }
+}
+
+#[test]
+fn compute_reads_a_request_file() {
+    let case = load("tiny_f32.json");
+    let dir = std::env::temp_dir().join(format!("llama-pow-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("req.json");
+    std::fs::write(&path, request_for(&case, 3, "f32").to_string()).unwrap();
+    let out = run(&["compute", "--request", path.to_str().unwrap()], "");
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (g, w) in f64s(&v["dist"]).iter().zip(f64s(&case["dist"])) {
+        assert!((g - w).abs() <= 1e-5);
+    }
+}
+
+#[test]
+fn bad_requests_fail_with_one_line() {
+    let case = load("tiny_f16.json");
+    let good = request_for(&case, 2, "f16");
+    let mut missing = good.clone();
+    missing.as_object_mut().unwrap().remove("public_key");
+    let mut bad_param = good.clone();
+    bad_param["params"]["n_kv_heads"] = json!(3);
+    let mut bad_dtype = good.clone();
+    bad_dtype["dtype"] = json!("fp64");
+    let mut fp8 = good.clone();
+    fp8["params"]["use_fp8"] = json!(true);
+    for (input, want) in [
+        ("not json".to_owned(), "request is not valid JSON"),
+        (missing.to_string(), "public_key: missing required field"),
+        (bad_param.to_string(), "params.n_kv_heads: must divide n_heads"),
+        (bad_dtype.to_string(), "dtype must be one of"),
+        (fp8.to_string(), "fp8"),
+    ] {
+        let out = run(&["compute"], &input);
+        assert!(!out.status.success(), "{input} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+        assert!(err.contains(want), "{err:?} should contain {want:?}");
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn facts_match_the_golden_hashes() {
+    let case = load("gqa_scaled_rope_f16.json");
+    let out = run(
+        &["facts", "--param", "layers.1.attention.wk.weight", "--param", "norm.weight"],
+        &request_for(&case, 4, "f16").to_string(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["total_params"], case["total_params"]);
+    assert_eq!(v["pool_size"], case["pool_size"]);
+    assert_eq!(v["target_sha256_f64le"], case["target_sha256_f64le"]);
+    assert_eq!(strs(&v["inputs_sha256_f16le"]), strs(&case["inputs_sha256_f16le"])[..4].to_vec());
+    let params = v["parameters"].as_array().unwrap();
+    let golden = case["parameters"].as_array().unwrap();
+    assert_eq!(params.len(), golden.len());
+    for (p, g) in params.iter().zip(golden) {
+        assert_eq!(p["name"], g["name"]);
+        assert_eq!(p["name_hash"], g["name_hash"]);
+        let named = p["name"] == "layers.1.attention.wk.weight" || p["name"] == "norm.weight";
+        if named {
+            assert_eq!(p["sha256_f16le"], g["sha256_f16le"], "{}", p["name"]);
+        } else {
+            assert!(p.get("sha256_f16le").is_none());
+        }
+    }
+    let out = run(&["facts", "--param", "nope"], &request_for(&case, 1, "f16").to_string());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--param \"nope\": no such parameter"));
+}
