@@ -9,7 +9,7 @@
 //!
 //! Each measurement is printed as one JSON line.
 
-use llama_pow::backend::cpu::forward_last_logits;
+use llama_pow::backend::cpu::{forward_last_logits_with, ForwardScratch};
 use llama_pow::pow::dtype::Dtype;
 use llama_pow::pow::params::Params;
 use llama_pow::pow::weights::ModelWeights;
@@ -61,13 +61,15 @@ fn main() {
         for dtype in Dtype::ALL {
             let model = ModelWeights::build(BLOCK_HASH, &params, dtype);
             let x = inputs(batch * params.seq_len_usize() * params.dim_usize(), dtype);
-            // Warm up (thread pool, page faults of the scratch buffers).
-            std::hint::black_box(forward_last_logits(&model, &x, batch));
+            // Scratch buffers are reused across batches, as the CPU backend does. Warm up
+            // (thread pool, first touch of the buffers).
+            let mut scratch = ForwardScratch::new();
+            std::hint::black_box(forward_last_logits_with(&mut scratch, &model, &x, batch));
             let budget = Duration::from_secs_f64(seconds);
             let start = Instant::now();
             let mut batches = 0usize;
             while batches == 0 || start.elapsed() < budget {
-                std::hint::black_box(forward_last_logits(&model, &x, batch));
+                std::hint::black_box(forward_last_logits_with(&mut scratch, &model, &x, batch));
                 batches += 1;
             }
             let elapsed = start.elapsed().as_secs_f64();

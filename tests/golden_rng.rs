@@ -255,8 +255,9 @@ fn parallel_fill_equals_sequential_at_edge_sizes() {
 
 #[test]
 fn parallel_fill_with_forced_small_chunks() {
-    // Tiny chunks and probes force thousands of merges, failed merges (probe 0 or 1 can
-    // miss) and rounds that end early.
+    // Tiny chunks and probes force thousands of merges, merges that drop leading samples of
+    // the later chunk, and failed merges (probes of 0 or 1 boundaries miss hundreds of times
+    // per run) that end rounds early.
     let entropy = seeds::entropy("forced", 1);
     for n in [1usize, 2, 7, 64, 999, 10_000, 200_000] {
         let want = sequential_normals(&entropy, n, 1.5, 0.25);
@@ -286,8 +287,8 @@ fn parallel_fill_with_forced_small_chunks() {
 
 #[test]
 fn rare_paths_cross_chunk_boundaries() {
-    // Find stream positions where a slow-path sample (more than one draw) straddles a chunk
-    // start, and check the stitch across many such starts by cutting chunks of 1..40 draws.
+    // Chunks of 1..40 draws put chunk starts at every offset of the stream, so many of them
+    // fall inside a multi-draw (wedge or tail) sample and need a non-trivial merge.
     let entropy = seeds::entropy("straddle", 2);
     let n = 50_000;
     let want = sequential_normals(&entropy, n, 0.0, 1.0);

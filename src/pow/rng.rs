@@ -7,9 +7,18 @@
 //!   SeedSequence words, including numpy's buffered 32-bit draws and `advance`.
 //! - [`Generator`]: numpy's 256-layer ziggurat for normals (fast path, wedges and the
 //!   tail beyond R), and the masked-rejection Fisher-Yates shuffle behind `permutation`.
-//! - [`fill_normal_parallel`]: the first n normals of a fresh stream, computed on all rayon
-//!   threads and equal bit for bit to the sequential stream (see the comment on
-//!   [`fill_normal_parallel_with`] for how the chunks are stitched together).
+//! - [`fill_normal_parallel`] / [`fill_standard_normal_parallel`]: the first n (mapped)
+//!   normals of a fresh stream, computed on all rayon threads and equal bit for bit to the
+//!   sequential stream.
+//!
+//! Parallel fill: a normal takes one u64 draw on the fast path and more on the rare wedge
+//! and tail paths, so a thread that starts at an arbitrary offset of the u64 stream (reached
+//! with `advance`) does not know whether it stands on a sample boundary. Chains of sample
+//! boundaries started at different offsets merge within a few samples, though: each chunk
+//! records its first K boundaries, the chunk before it runs on past its own end until it
+//! lands on one of them, and the later chunk's samples before that merge point are dropped.
+//! A chunk that finds no merge ends its round there instead, so the result is exact in every
+//! case (details on `fill_mapped_parallel`).
 
 use rayon::prelude::*;
 
@@ -252,6 +261,12 @@ const ZIG_R: f64 = 3.654_152_885_361_009;
 const ZIG_INV_R: f64 = 0.273_661_237_329_758_3;
 const MANTISSA_52: u64 = 0x000f_ffff_ffff_ffff;
 
+// numpy's double-precision ziggurat tables: KI the acceptance bounds of the 52-bit
+// magnitudes, WI the layer widths / 2^52, FI the density at the layer edges. They follow from
+// ZIG_R and the layer area by a short recursion (scripts/ziggurat_tables.py, which also checks
+// them byte for byte against numpy's compiled module); one entry, FI[38], is 1 ulp above the
+// correctly rounded value, as in numpy, so they are generated once rather than computed at
+// start-up with this platform's exp.
 // BEGIN GENERATED ZIGGURAT TABLES (scripts/ziggurat_tables.py)
 // Do not edit by hand: regenerate with the script, which also checks them against numpy.
 #[rustfmt::skip]
@@ -674,10 +689,13 @@ pub struct ParallelPlan {
 }
 
 impl Default for ParallelPlan {
+    /// Two chunks per thread (some slack for uneven threads) of 128 Ki draws: the per-chunk
+    /// buffers stay small (cache-sized for 16-bit outputs) and a round costs milliseconds,
+    /// so its two fork-joins are noise. Timings were flat from 64 Ki to 1 Mi draws.
     fn default() -> Self {
         ParallelPlan {
-            chunks: 4 * rayon::current_num_threads().max(1),
-            chunk_draws: 1 << 18,
+            chunks: 2 * rayon::current_num_threads().max(1),
+            chunk_draws: 1 << 17,
             probe: 4096,
             sequential_below: 1 << 15,
         }
@@ -833,7 +851,7 @@ fn run_chunk<T, F: Fn(f64) -> T>(
     // initialised elements, within the capacity (spare_capacity_mut's length bounds it).
     unsafe { samples.set_len(before + made) };
     // Every sample consumes at least one draw, and the capacity covered one slot per draw.
-    debug_assert!(pos >= end);
+    assert!(pos >= end, "chunk buffer too small");
     rng.lcg = lcg;
     chunk.rng = rng;
     chunk.pos = pos;
