@@ -16,7 +16,12 @@ fn run(args: &[&str], stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -36,11 +41,19 @@ fn request_for(case: &Value, count: usize, dtype: &str) -> Value {
 
 #[test]
 fn compute_matches_the_reference_distances() {
-    for (name, dtype, tol) in [("tiny_f16", "f16", 1e-5), ("seq1_bignonce_f16", "f16", 1e-5), ("tiny_bf16", "bf16", 1e-4)] {
+    for (name, dtype, tol) in [
+        ("tiny_f16", "f16", 1e-5),
+        ("seq1_bignonce_f16", "f16", 1e-5),
+        ("tiny_bf16", "bf16", 1e-4),
+    ] {
         let case = load(&format!("{name}.json"));
         let count = 12.min(case["nonces"].as_array().unwrap().len());
         let out = run(&["compute"], &request_for(&case, count, dtype).to_string());
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(u64s(&v["nonces"]), u64s(&case["nonces"])[..count].to_vec());
         let want = f64s(&case["dist"]);
@@ -68,7 +81,11 @@ fn compute_reads_a_request_file() {
     std::fs::write(&path, request_for(&case, 3, "f32").to_string()).unwrap();
     let out = run(&["compute", "--request", path.to_str().unwrap()], "");
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     for (g, w) in f64s(&v["dist"]).iter().zip(f64s(&case["dist"])) {
         assert!((g - w).abs() <= 1e-5);
@@ -90,7 +107,10 @@ fn bad_requests_fail_with_one_line() {
     for (input, want) in [
         ("not json".to_owned(), "request is not valid JSON"),
         (missing.to_string(), "public_key: missing required field"),
-        (bad_param.to_string(), "params.n_kv_heads: must divide n_heads"),
+        (
+            bad_param.to_string(),
+            "params.n_kv_heads: must divide n_heads",
+        ),
         (bad_dtype.to_string(), "dtype must be one of"),
         (fp8.to_string(), "fp8"),
     ] {
@@ -107,15 +127,28 @@ fn bad_requests_fail_with_one_line() {
 fn facts_match_the_golden_hashes() {
     let case = load("gqa_scaled_rope_f16.json");
     let out = run(
-        &["facts", "--param", "layers.1.attention.wk.weight", "--param", "norm.weight"],
+        &[
+            "facts",
+            "--param",
+            "layers.1.attention.wk.weight",
+            "--param",
+            "norm.weight",
+        ],
         &request_for(&case, 4, "f16").to_string(),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["total_params"], case["total_params"]);
     assert_eq!(v["pool_size"], case["pool_size"]);
     assert_eq!(v["target_sha256_f64le"], case["target_sha256_f64le"]);
-    assert_eq!(strs(&v["inputs_sha256_f16le"]), strs(&case["inputs_sha256_f16le"])[..4].to_vec());
+    assert_eq!(
+        strs(&v["inputs_sha256_f16le"]),
+        strs(&case["inputs_sha256_f16le"])[..4].to_vec()
+    );
     let params = v["parameters"].as_array().unwrap();
     let golden = case["parameters"].as_array().unwrap();
     assert_eq!(params.len(), golden.len());
@@ -129,7 +162,10 @@ fn facts_match_the_golden_hashes() {
             assert!(p.get("sha256_f16le").is_none());
         }
     }
-    let out = run(&["facts", "--param", "nope"], &request_for(&case, 1, "f16").to_string());
+    let out = run(
+        &["facts", "--param", "nope"],
+        &request_for(&case, 1, "f16").to_string(),
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--param \"nope\": no such parameter"));
 }

@@ -44,19 +44,39 @@ fn check_random_streams(name: &str) {
         selection: &ParamSelection::All,
     })
     .unwrap();
-    assert_eq!(f.total_params, case["total_params"].as_u64().unwrap(), "{name} total_params");
-    assert_eq!(f.pool_size, case["pool_size"].as_u64().unwrap(), "{name} pool_size");
+    assert_eq!(
+        f.total_params,
+        case["total_params"].as_u64().unwrap(),
+        "{name} total_params"
+    );
+    assert_eq!(
+        f.pool_size,
+        case["pool_size"].as_u64().unwrap(),
+        "{name} pool_size"
+    );
 
     let golden_params = case["parameters"].as_array().unwrap();
-    assert_eq!(f.parameters.len(), golden_params.len(), "{name} parameter count");
+    assert_eq!(
+        f.parameters.len(),
+        golden_params.len(),
+        "{name} parameter count"
+    );
     let w = weights::ModelWeights::build(bh, &params, dtype);
     for (ours, want) in f.parameters.iter().zip(golden_params) {
         let pname = str_of(&want["name"]);
         assert_eq!(ours.name, pname, "{name}: parameter order");
         let shape: Vec<usize> = u64s(&want["shape"]).iter().map(|&d| d as usize).collect();
         assert_eq!(ours.shape, shape, "{name} {pname} shape");
-        assert_eq!(ours.numel, want["numel"].as_u64().unwrap(), "{name} {pname} numel");
-        assert_eq!(ours.name_hash, want["name_hash"].as_u64().unwrap(), "{name} {pname} name_hash");
+        assert_eq!(
+            ours.numel,
+            want["numel"].as_u64().unwrap(),
+            "{name} {pname} numel"
+        );
+        assert_eq!(
+            ours.name_hash,
+            want["name_hash"].as_u64().unwrap(),
+            "{name} {pname} name_hash"
+        );
         let (key, got) = if dtype == Dtype::F16 {
             ("sha256_f16le", &ours.sha256_f16le)
         } else {
@@ -71,15 +91,32 @@ fn check_random_streams(name: &str) {
     }
 
     let target = proof::target(bh, params.vocab_usize());
-    assert_eq!(target[..8], f64s(&case["target_first8"])[..], "{name} target_first8");
-    assert_eq!(f.target_sha256_f64le, str_of(&case["target_sha256_f64le"]), "{name} target hash");
-    assert_eq!(f.inputs_sha256_f16le, strs(&case["inputs_sha256_f16le"]), "{name} inputs hashes");
+    assert_eq!(
+        target[..8],
+        f64s(&case["target_first8"])[..],
+        "{name} target_first8"
+    );
+    assert_eq!(
+        f.target_sha256_f64le,
+        str_of(&case["target_sha256_f64le"]),
+        "{name} target hash"
+    );
+    assert_eq!(
+        f.inputs_sha256_f16le,
+        strs(&case["inputs_sha256_f16le"]),
+        "{name} inputs hashes"
+    );
     for (i, want) in case["inputs_first8"].as_array().unwrap().iter().enumerate() {
         let x = proof::inputs(bh, pk, nonces[i], &params, Dtype::F16);
         let got: Vec<f64> = x[..8].iter().map(|&v| v as f64).collect();
         assert_eq!(got, f64s(want), "{name} inputs_first8[{i}]");
     }
-    for (i, want) in case["permutations_first8"].as_array().unwrap().iter().enumerate() {
+    for (i, want) in case["permutations_first8"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         let p = proof::permutation(bh, pk, nonces[i], params.vocab_usize());
         assert_eq!(p[..8], i64s(want)[..], "{name} permutations_first8[{i}]");
     }
@@ -104,8 +141,12 @@ fn param_values(w: &weights::ModelWeights, name: &str) -> Vec<f32> {
                 other => panic!("unknown layer parameter {other}"),
             }
         }
-        ["layers", i, "attention_norm", "weight"] => w.layers[i.parse::<usize>().unwrap()].attention_norm.clone(),
-        ["layers", i, "ffn_norm", "weight"] => w.layers[i.parse::<usize>().unwrap()].ffn_norm.clone(),
+        ["layers", i, "attention_norm", "weight"] => {
+            w.layers[i.parse::<usize>().unwrap()].attention_norm.clone()
+        }
+        ["layers", i, "ffn_norm", "weight"] => {
+            w.layers[i.parse::<usize>().unwrap()].ffn_norm.clone()
+        }
         _ => Vec::new(),
     }
 }
@@ -151,13 +192,26 @@ fn check_forward<B: Backend>(backend: &B, name: &str) -> (f64, f64) {
     let vocab = params.vocab_usize();
     let mut max_logit = 0f64;
     let mut ulp_flips = 0;
-    for (i, want) in case["last_token_logits"].as_array().unwrap().iter().enumerate() {
+    for (i, want) in case["last_token_logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         let want = f64s(want);
-        for (j, (&g, &w)) in logits[i * vocab..(i + 1) * vocab].iter().zip(&want).enumerate() {
+        for (j, (&g, &w)) in logits[i * vocab..(i + 1) * vocab]
+            .iter()
+            .zip(&want)
+            .enumerate()
+        {
             let d = (g as f64 - w).abs();
             max_logit = max_logit.max(d);
             let allowed = tol.max(ulp(dtype, w));
-            assert!(d <= allowed, "{name} on {}: nonce {i} logit {j}: {g} vs {w} (|diff| {d:e} > {allowed:e})", backend.name());
+            assert!(
+                d <= allowed,
+                "{name} on {}: nonce {i} logit {j}: {g} vs {w} (|diff| {d:e} > {allowed:e})",
+                backend.name()
+            );
             if d > tol {
                 ulp_flips += 1;
             }
@@ -169,7 +223,12 @@ fn check_forward<B: Backend>(backend: &B, name: &str) -> (f64, f64) {
     for (i, (&g, &w)) in result.dist.iter().zip(&want_dist).enumerate() {
         let d = (g - w).abs();
         max_dist = max_dist.max(d);
-        assert!(d <= tol, "{name} on {}: nonce {} dist {g} vs {w} (|diff| {d:e})", backend.name(), nonces[i]);
+        assert!(
+            d <= tol,
+            "{name} on {}: nonce {} dist {g} vs {w} (|diff| {d:e})",
+            backend.name(),
+            nonces[i]
+        );
     }
     let want_valid = u64s(&case["valid_nonces"]);
     for (i, &n) in nonces.iter().enumerate() {

@@ -37,7 +37,10 @@ fn v2_scale_facts_match_the_reference() {
 
     assert_eq!(f.total_params, case["total_params"].as_u64().unwrap());
     assert_eq!(f.pool_size, case["pool_size"].as_u64().unwrap());
-    assert_eq!(f.pool_sha256_f16le.as_deref(), case["pool_sha256_f16le"].as_str());
+    assert_eq!(
+        f.pool_sha256_f16le.as_deref(),
+        case["pool_sha256_f16le"].as_str()
+    );
     let first8: Vec<f64> = f.pool_first8.iter().map(|&x| x as f64).collect();
     assert_eq!(first8, f64s(&case["pool_first8"]));
     assert_eq!(f.parameters.len(), golden_params.len());
@@ -47,7 +50,11 @@ fn v2_scale_facts_match_the_reference() {
         let shape: Vec<usize> = u64s(&want["shape"]).iter().map(|&d| d as usize).collect();
         assert_eq!(ours.shape, shape, "{name}");
         assert_eq!(ours.numel, want["numel"].as_u64().unwrap(), "{name}");
-        assert_eq!(ours.name_hash, want["name_hash"].as_u64().unwrap(), "{name}");
+        assert_eq!(
+            ours.name_hash,
+            want["name_hash"].as_u64().unwrap(),
+            "{name}"
+        );
         if let Some(h) = want.get("sha256_f16le") {
             assert_eq!(ours.sha256_f16le.as_deref(), h.as_str(), "{name} values");
             // "start" in the golden file is where the slice begins in the pool; a tiled
@@ -62,6 +69,9 @@ fn v2_scale_facts_match_the_reference() {
         }
     }
     assert_eq!(f.inputs_sha256_f16le, strs(&case["inputs_sha256_f16le"]));
-    assert_eq!(f.permutations_sha256_i64le, strs(&case["permutations_sha256_i64le"]));
+    assert_eq!(
+        f.permutations_sha256_i64le,
+        strs(&case["permutations_sha256_i64le"])
+    );
     assert_eq!(f.target_sha256_f64le, str_of(&case["target_sha256_f64le"]));
 }

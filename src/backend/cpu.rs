@@ -24,7 +24,7 @@
 //! compiler vectorises (they agree with [`Dtype::round`] on every input; see the tests).
 
 use super::{Backend, BackendError};
-use crate::pow::dtype::Dtype;
+use crate::pow::dtype::{Dtype, RoundBf16, RoundF16, RoundF32, Rounding};
 use crate::pow::params::Params;
 use crate::pow::weights::{self, LayerWeights, ModelWeights};
 use gemm::Parallelism;
@@ -41,76 +41,6 @@ const ROPE_HIGH_FREQ_FACTOR: f32 = 4.0;
 const ROPE_OLD_CONTEXT_LEN: f32 = 8192.0;
 
 const GIB: f64 = (1u64 << 30) as f64;
-
-// ---------------------------------------------------------------------------------------------
-// Rounding to the model dtype
-
-/// Rounding an f32 to the model dtype and back (round to nearest, ties to even), as a type
-/// so that every loop is compiled for its dtype.
-pub trait Rounding: Copy + Send + Sync + 'static {
-    const DTYPE: Dtype;
-    fn round(x: f32) -> f32;
-}
-
-/// f32 models: no rounding.
-#[derive(Debug, Clone, Copy)]
-pub struct RoundF32;
-
-/// float16: 10 fraction bits, subnormals below 2^-14, overflow to infinity past 65504.
-#[derive(Debug, Clone, Copy)]
-pub struct RoundF16;
-
-/// bfloat16: the upper half of an f32.
-#[derive(Debug, Clone, Copy)]
-pub struct RoundBf16;
-
-impl Rounding for RoundF32 {
-    const DTYPE: Dtype = Dtype::F32;
-    #[inline(always)]
-    fn round(x: f32) -> f32 {
-        x
-    }
-}
-
-impl Rounding for RoundF16 {
-    const DTYPE: Dtype = Dtype::F16;
-    #[inline(always)]
-    fn round(x: f32) -> f32 {
-        // Adding c = 2^(e + 13), where 2^e is the f16 binade of |x| (clamped to the subnormal
-        // binade 2^-14 below and to 2^15 above), leaves |x| + c with f32 spacing 2^(e - 10),
-        // the f16 spacing of |x|: the f32 addition rounds to the f16 grid, ties to even (the
-        // parity of the f32 mantissa is that of the f16 one), and subtracting c is exact.
-        // Float operations only, so the loops around it vectorise.
-        let a = x.abs();
-        let binade = f32::from_bits(a.to_bits() & 0x7F80_0000);
-        let c = binade.clamp(F16_MIN_NORMAL, F16_TOP_BINADE) * 8192.0;
-        let r = (a + c) - c;
-        // Past 65504 lies infinity (65520 and up round there); NaN compares false and stays.
-        let r = if r > F16_MAX { f32::INFINITY } else { r };
-        r.copysign(x)
-    }
-}
-
-const F16_MIN_NORMAL: f32 = 1.0 / 16384.0; // 2^-14
-const F16_TOP_BINADE: f32 = 32768.0; // 2^15
-const F16_MAX: f32 = 65504.0;
-
-impl Rounding for RoundBf16 {
-    const DTYPE: Dtype = Dtype::Bf16;
-    #[inline(always)]
-    fn round(x: f32) -> f32 {
-        let bits = x.to_bits();
-        // Ties to even on bit 16; a carry out of the fraction rounds up into the exponent
-        // (and to infinity past the largest finite value), the sign bit is never reached.
-        let r = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) & 0xFFFF_0000;
-        let r = if bits & 0x7FFF_FFFF > 0x7F80_0000 {
-            (bits | 0x0040_0000) & 0xFFFF_0000
-        } else {
-            r
-        };
-        f32::from_bits(r)
-    }
-}
 
 #[inline(always)]
 fn round_slice<R: Rounding>(xs: &mut [f32]) {
@@ -1195,9 +1125,14 @@ mod tests {
     /// pattern with low halves around each tie, every f16 subnormal grid point and midpoint,
     /// and a million random patterns.
     #[test]
-    fn fast_rounding_matches_dtype_round() {
+    fn fast_rounding_matches_the_half_crate() {
         fn check<R: Rounding>(x: f32) {
-            let (got, want) = (R::round(x), R::DTYPE.round(x));
+            let want = match R::DTYPE {
+                Dtype::F32 => x,
+                Dtype::F16 => half::f16::from_f32(x).to_f32(),
+                Dtype::Bf16 => half::bf16::from_f32(x).to_f32(),
+            };
+            let got = R::round(x);
             assert!(
                 got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
                 "{}: {x:e} ({:#010x}) -> {got:e}, want {want:e}",

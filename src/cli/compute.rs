@@ -10,7 +10,13 @@ pub fn run(req: &ComputeRequest) -> anyhow::Result<BatchResult> {
     let p = &req.proof;
     let backend = CpuBackend::new();
     let model = backend.build_model(&p.block_hash, &p.params, req.dtype)?;
-    let job = JobSpec::new(&p.block_hash, &p.public_key, &p.params, req.dtype, p.r_target);
+    let job = JobSpec::new(
+        &p.block_hash,
+        &p.public_key,
+        &p.params,
+        req.dtype,
+        p.r_target,
+    );
     let batch_size = p.batch_size.unwrap_or(DEFAULT_BATCH_SIZE) as usize;
     let nonces: Vec<u64> = req.nonces().collect();
     let mut out = BatchResult::empty();

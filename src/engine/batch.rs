@@ -21,7 +21,13 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
-    pub fn new(block_hash: &str, public_key: &str, params: &Params, dtype: Dtype, r_target: f64) -> Self {
+    pub fn new(
+        block_hash: &str,
+        public_key: &str,
+        params: &Params,
+        dtype: Dtype,
+        r_target: f64,
+    ) -> Self {
         JobSpec {
             block_hash: block_hash.to_owned(),
             public_key: public_key.to_owned(),

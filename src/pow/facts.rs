@@ -40,7 +40,9 @@ impl HashElem {
                 HashElem::F16 => chunk
                     .iter()
                     .for_each(|&v| buf.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
-                HashElem::F32 => chunk.iter().for_each(|&v| buf.extend_from_slice(&v.to_le_bytes())),
+                HashElem::F32 => chunk
+                    .iter()
+                    .for_each(|&v| buf.extend_from_slice(&v.to_le_bytes())),
             }
             h.update(&buf);
         }
@@ -149,7 +151,9 @@ pub fn compute(input: &FactsInput<'_>) -> Result<Facts, UnknownParam> {
             };
             let hash = wanted.then(|| {
                 let mut h = Sha256::new();
-                slice.for_each_run(pool.len(), numel as usize, |r| elem.update(&mut h, &pool[r]));
+                slice.for_each_run(pool.len(), numel as usize, |r| {
+                    elem.update(&mut h, &pool[r])
+                });
                 hex::encode(h.finalize())
             });
             ParamFacts {
@@ -174,7 +178,13 @@ pub fn compute(input: &FactsInput<'_>) -> Result<Facts, UnknownParam> {
         .par_iter()
         .map(|&n| {
             // Inputs are generated in float16 whatever the model dtype: hash them as such.
-            let x = proof::inputs(input.block_hash, input.public_key, n, input.params, Dtype::F16);
+            let x = proof::inputs(
+                input.block_hash,
+                input.public_key,
+                n,
+                input.params,
+                Dtype::F16,
+            );
             let p = proof::permutation(input.block_hash, input.public_key, n, vocab);
             (HashElem::F16.sha256(&x), sha256_i64le(&p))
         })

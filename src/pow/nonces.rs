@@ -15,7 +15,10 @@ pub struct GenerateSchedule {
 impl GenerateSchedule {
     /// Worker `worker` of `n_workers` starting from `start_nonce`.
     pub fn new(start_nonce: u64, worker: u64, n_workers: u64) -> Self {
-        assert!(n_workers > 0 && worker < n_workers, "worker {worker} of {n_workers}");
+        assert!(
+            n_workers > 0 && worker < n_workers,
+            "worker {worker} of {n_workers}"
+        );
         GenerateSchedule {
             next: start_nonce.checked_add(worker),
             stride: n_workers,
@@ -51,7 +54,10 @@ pub struct RangeSchedule {
 impl RangeSchedule {
     /// Local worker `worker` of `n_workers` over `[range_start, range_end]`.
     pub fn new(range_start: u64, range_end: u64, worker: u64, n_workers: u64) -> Self {
-        assert!(n_workers > 0 && worker < n_workers, "worker {worker} of {n_workers}");
+        assert!(
+            n_workers > 0 && worker < n_workers,
+            "worker {worker} of {n_workers}"
+        );
         let first = range_start.checked_add(worker).filter(|&n| n <= range_end);
         RangeSchedule {
             next: first,

@@ -138,7 +138,10 @@ impl Params {
         if self.dim % self.n_heads != 0 {
             return Err(err(
                 "n_heads",
-                format!("must divide dim (dim {} is not a multiple of {})", self.dim, self.n_heads),
+                format!(
+                    "must divide dim (dim {} is not a multiple of {})",
+                    self.dim, self.n_heads
+                ),
             ));
         }
         if self.n_kv_heads > self.n_heads || self.n_heads % self.n_kv_heads != 0 {
@@ -186,7 +189,10 @@ impl Params {
         if !self.rope_theta.is_finite() || self.rope_theta <= 1.0 || self.rope_theta > 1e12 {
             return Err(err(
                 "rope_theta",
-                format!("must be a finite number in (1, 1e12] (got {})", self.rope_theta),
+                format!(
+                    "must be a finite number in (1, 1e12] (got {})",
+                    self.rope_theta
+                ),
             ));
         }
         let total = super::weights::total_params(self);
@@ -286,7 +292,8 @@ mod tests {
 
     #[test]
     fn missing_keys_take_defaults() {
-        let p: Params = serde_json::from_str(r#"{"dim": 64, "n_heads": 4, "n_kv_heads": 2}"#).unwrap();
+        let p: Params =
+            serde_json::from_str(r#"{"dim": 64, "n_heads": 4, "n_kv_heads": 2}"#).unwrap();
         assert_eq!(p.n_layers, 16);
         assert_eq!(p.n_kv_heads, 2);
     }
@@ -294,19 +301,100 @@ mod tests {
     #[test]
     fn each_rule_names_its_field() {
         let cases: Vec<(Params, &str)> = vec![
-            (Params { dim: 0, ..Params::default() }, "params.dim: must be a positive integer"),
-            (Params { n_layers: -3, ..Params::default() }, "params.n_layers: must be a positive"),
-            (Params { n_heads: 3, ..Params::default() }, "params.n_heads: must divide dim"),
-            (Params { n_kv_heads: 3, ..Params::default() }, "params.n_kv_heads: must divide n_heads"),
-            (Params { n_kv_heads: 32, ..Params::default() }, "params.n_kv_heads: must divide n_heads"),
-            (Params { dim: 96, n_heads: 32, n_kv_heads: 32, ..Params::default() }, "head_dim = dim / n_heads must be even"),
-            (Params { vocab_size: 1 << 30, ..Params::default() }, "params.vocab_size: must be at most"),
-            (Params { seq_len: 0, ..Params::default() }, "params.seq_len"),
-            (Params { ffn_dim_multiplier: f64::NAN, ..Params::default() }, "params.ffn_dim_multiplier"),
-            (Params { ffn_dim_multiplier: -1.0, ..Params::default() }, "params.ffn_dim_multiplier"),
-            (Params { norm_eps: 0.0, ..Params::default() }, "params.norm_eps"),
-            (Params { rope_theta: f64::INFINITY, ..Params::default() }, "params.rope_theta"),
-            (Params { dim: 65536, n_layers: 1024, ..Params::default() }, "parameters, more than the limit"),
+            (
+                Params {
+                    dim: 0,
+                    ..Params::default()
+                },
+                "params.dim: must be a positive integer",
+            ),
+            (
+                Params {
+                    n_layers: -3,
+                    ..Params::default()
+                },
+                "params.n_layers: must be a positive",
+            ),
+            (
+                Params {
+                    n_heads: 3,
+                    ..Params::default()
+                },
+                "params.n_heads: must divide dim",
+            ),
+            (
+                Params {
+                    n_kv_heads: 3,
+                    ..Params::default()
+                },
+                "params.n_kv_heads: must divide n_heads",
+            ),
+            (
+                Params {
+                    n_kv_heads: 32,
+                    ..Params::default()
+                },
+                "params.n_kv_heads: must divide n_heads",
+            ),
+            (
+                Params {
+                    dim: 96,
+                    n_heads: 32,
+                    n_kv_heads: 32,
+                    ..Params::default()
+                },
+                "head_dim = dim / n_heads must be even",
+            ),
+            (
+                Params {
+                    vocab_size: 1 << 30,
+                    ..Params::default()
+                },
+                "params.vocab_size: must be at most",
+            ),
+            (
+                Params {
+                    seq_len: 0,
+                    ..Params::default()
+                },
+                "params.seq_len",
+            ),
+            (
+                Params {
+                    ffn_dim_multiplier: f64::NAN,
+                    ..Params::default()
+                },
+                "params.ffn_dim_multiplier",
+            ),
+            (
+                Params {
+                    ffn_dim_multiplier: -1.0,
+                    ..Params::default()
+                },
+                "params.ffn_dim_multiplier",
+            ),
+            (
+                Params {
+                    norm_eps: 0.0,
+                    ..Params::default()
+                },
+                "params.norm_eps",
+            ),
+            (
+                Params {
+                    rope_theta: f64::INFINITY,
+                    ..Params::default()
+                },
+                "params.rope_theta",
+            ),
+            (
+                Params {
+                    dim: 65536,
+                    n_layers: 1024,
+                    ..Params::default()
+                },
+                "parameters, more than the limit",
+            ),
         ];
         for (p, want) in cases {
             let e = p.validate().unwrap_err().to_string();

@@ -33,7 +33,13 @@ pub fn inputs_into(block_hash: &str, public_key: &str, nonce: u64, dtype: Dtype,
 }
 
 /// [`inputs_into`] for a whole model's shape.
-pub fn inputs(block_hash: &str, public_key: &str, nonce: u64, params: &Params, dtype: Dtype) -> Vec<f32> {
+pub fn inputs(
+    block_hash: &str,
+    public_key: &str,
+    nonce: u64,
+    params: &Params,
+    dtype: Dtype,
+) -> Vec<f32> {
     let mut v = vec![0f32; params.seq_len_usize() * params.dim_usize()];
     inputs_into(block_hash, public_key, nonce, dtype, &mut v);
     v

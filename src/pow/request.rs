@@ -43,8 +43,15 @@ fn type_name(v: &Value) -> &'static str {
 
 fn wrong(field: &str, expected: &str, v: &Value) -> RequestError {
     let shown = v.to_string();
-    let shown = if shown.chars().count() > 40 { format!("{}...", shown.chars().take(40).collect::<String>()) } else { shown };
-    RequestError(format!("{field}: expected {expected}, got {} ({shown})", type_name(v)))
+    let shown = if shown.chars().count() > 40 {
+        format!("{}...", shown.chars().take(40).collect::<String>())
+    } else {
+        shown
+    };
+    RequestError(format!(
+        "{field}: expected {expected}, got {} ({shown})",
+        type_name(v)
+    ))
 }
 
 /// Typed access to the fields of one JSON object, naming each in errors.
@@ -54,7 +61,11 @@ pub struct Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
-    pub fn new(v: &'a Value, what: &'static str, prefix: &'static str) -> Result<Self, RequestError> {
+    pub fn new(
+        v: &'a Value,
+        what: &'static str,
+        prefix: &'static str,
+    ) -> Result<Self, RequestError> {
         match v {
             Value::Object(obj) => Ok(Fields { obj, prefix }),
             other => Err(RequestError(format!(
@@ -93,9 +104,14 @@ impl<'a> Fields<'a> {
 
     pub fn string(&self, key: &str) -> Result<String, RequestError> {
         let v = self.required(key)?;
-        let s = v.as_str().ok_or_else(|| wrong(&self.name(key), "a string", v))?;
+        let s = v
+            .as_str()
+            .ok_or_else(|| wrong(&self.name(key), "a string", v))?;
         if s.is_empty() {
-            return Err(RequestError(format!("{}: must not be empty", self.name(key))));
+            return Err(RequestError(format!(
+                "{}: must not be empty",
+                self.name(key)
+            )));
         }
         if s.len() > MAX_KEY_LEN {
             return Err(RequestError(format!(
@@ -125,14 +141,21 @@ impl<'a> Fields<'a> {
     /// A positive integer no larger than `max`.
     pub fn positive_opt(&self, key: &str, max: u64) -> Result<Option<u64>, RequestError> {
         match self.u64_opt(key) {
-            Ok(Some(0)) => Err(RequestError(format!("{}: must be at least 1 (got 0)", self.name(key)))),
+            Ok(Some(0)) => Err(RequestError(format!(
+                "{}: must be at least 1 (got 0)",
+                self.name(key)
+            ))),
             Ok(Some(n)) if n > max => Err(RequestError(format!(
                 "{}: must be at most {max} (got {n})",
                 self.name(key)
             ))),
-            Err(_) if self.get(key).and_then(Value::as_i64).is_some_and(|n| n < 0) => Err(RequestError(
-                format!("{}: must be a positive integer (got {})", self.name(key), self.get(key).unwrap()),
-            )),
+            Err(_) if self.get(key).and_then(Value::as_i64).is_some_and(|n| n < 0) => {
+                Err(RequestError(format!(
+                    "{}: must be a positive integer (got {})",
+                    self.name(key),
+                    self.get(key).unwrap()
+                )))
+            }
             other => other,
         }
     }
@@ -151,7 +174,10 @@ impl<'a> Fields<'a> {
     pub fn f64_opt(&self, key: &str) -> Result<Option<f64>, RequestError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| wrong(&self.name(key), "a number", v)),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| wrong(&self.name(key), "a number", v)),
         }
     }
 
@@ -163,7 +189,10 @@ impl<'a> Fields<'a> {
     pub fn bool_opt(&self, key: &str) -> Result<Option<bool>, RequestError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| wrong(&self.name(key), "true or false", v)),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| wrong(&self.name(key), "true or false", v)),
         }
     }
 }
@@ -194,7 +223,9 @@ pub fn parse_params(v: &Value) -> Result<Params, RequestError> {
         n_heads: f.i64_opt("n_heads")?.unwrap_or(d.n_heads),
         n_kv_heads: f.i64_opt("n_kv_heads")?.unwrap_or(d.n_kv_heads),
         vocab_size: f.i64_opt("vocab_size")?.unwrap_or(d.vocab_size),
-        ffn_dim_multiplier: f.f64_opt("ffn_dim_multiplier")?.unwrap_or(d.ffn_dim_multiplier),
+        ffn_dim_multiplier: f
+            .f64_opt("ffn_dim_multiplier")?
+            .unwrap_or(d.ffn_dim_multiplier),
         multiple_of: f.i64_opt("multiple_of")?.unwrap_or(d.multiple_of),
         norm_eps: f.f64_opt("norm_eps")?.unwrap_or(d.norm_eps),
         rope_theta: f.f64_opt("rope_theta")?.unwrap_or(d.rope_theta),
@@ -287,7 +318,11 @@ impl ComputeRequest {
             Some(Value::String(s)) => s.parse().map_err(|e: String| RequestError(e))?,
             Some(other) => return Err(wrong("dtype", "a string", other)),
         };
-        Ok(ComputeRequest { proof, count, dtype })
+        Ok(ComputeRequest {
+            proof,
+            count,
+            dtype,
+        })
     }
 
     pub fn parse_str(s: &str) -> Result<Self, RequestError> {
@@ -407,7 +442,9 @@ mod tests {
 
     #[test]
     fn invalid_json_is_one_clear_line() {
-        let e = ComputeRequest::parse_str("{\"block_hash\": ").unwrap_err().to_string();
+        let e = ComputeRequest::parse_str("{\"block_hash\": ")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("request is not valid JSON"), "{e}");
         assert!(!e.contains('\n'));
     }
@@ -418,7 +455,9 @@ mod tests {
             any::<bool>().prop_map(Value::Bool),
             any::<i64>().prop_map(|n| json!(n)),
             any::<u64>().prop_map(|n| json!(n)),
-            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| json!(f)),
             "[a-z_]{0,12}".prop_map(Value::String),
         ];
         leaf.prop_recursive(3, 24, 6, |inner| {
@@ -426,9 +465,15 @@ mod tests {
                 prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
                 prop::collection::btree_map(
                     prop_oneof![
-                        Just("dim".to_owned()), Just("n_heads".to_owned()), Just("n_kv_heads".to_owned()),
-                        Just("seq_len".to_owned()), Just("params".to_owned()), Just("block_hash".to_owned()),
-                        Just("start_nonce".to_owned()), Just("r_target".to_owned()), "[a-z]{1,6}"
+                        Just("dim".to_owned()),
+                        Just("n_heads".to_owned()),
+                        Just("n_kv_heads".to_owned()),
+                        Just("seq_len".to_owned()),
+                        Just("params".to_owned()),
+                        Just("block_hash".to_owned()),
+                        Just("start_nonce".to_owned()),
+                        Just("r_target".to_owned()),
+                        "[a-z]{1,6}"
                     ],
                     inner,
                     0..6

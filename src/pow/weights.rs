@@ -72,13 +72,48 @@ pub fn param_specs(p: &Params) -> Vec<ParamSpec> {
         let l = Some(i);
         let a = format!("layers.{i}.attention");
         let f = format!("layers.{i}.feed_forward");
-        specs.push(spec(format!("{a}.wq.weight"), vec![q, dim], ParamKind::Wq, l));
-        specs.push(spec(format!("{a}.wk.weight"), vec![kv, dim], ParamKind::Wk, l));
-        specs.push(spec(format!("{a}.wv.weight"), vec![kv, dim], ParamKind::Wv, l));
-        specs.push(spec(format!("{a}.wo.weight"), vec![dim, q], ParamKind::Wo, l));
-        specs.push(spec(format!("{f}.w1.weight"), vec![hidden, dim], ParamKind::W1, l));
-        specs.push(spec(format!("{f}.w2.weight"), vec![dim, hidden], ParamKind::W2, l));
-        specs.push(spec(format!("{f}.w3.weight"), vec![hidden, dim], ParamKind::W3, l));
+        specs.push(spec(
+            format!("{a}.wq.weight"),
+            vec![q, dim],
+            ParamKind::Wq,
+            l,
+        ));
+        specs.push(spec(
+            format!("{a}.wk.weight"),
+            vec![kv, dim],
+            ParamKind::Wk,
+            l,
+        ));
+        specs.push(spec(
+            format!("{a}.wv.weight"),
+            vec![kv, dim],
+            ParamKind::Wv,
+            l,
+        ));
+        specs.push(spec(
+            format!("{a}.wo.weight"),
+            vec![dim, q],
+            ParamKind::Wo,
+            l,
+        ));
+        specs.push(spec(
+            format!("{f}.w1.weight"),
+            vec![hidden, dim],
+            ParamKind::W1,
+            l,
+        ));
+        specs.push(spec(
+            format!("{f}.w2.weight"),
+            vec![dim, hidden],
+            ParamKind::W2,
+            l,
+        ));
+        specs.push(spec(
+            format!("{f}.w3.weight"),
+            vec![hidden, dim],
+            ParamKind::W3,
+            l,
+        ));
         specs.push(spec(
             format!("layers.{i}.attention_norm.weight"),
             vec![dim],
@@ -106,7 +141,11 @@ pub fn param_specs(p: &Params) -> Vec<ParamSpec> {
 /// Computed in closed form so that it is cheap for any size and never overflows.
 pub fn total_params(p: &Params) -> u64 {
     let dim = p.dim.max(0) as u64;
-    let hd = if p.n_heads > 0 { dim / p.n_heads as u64 } else { 0 };
+    let hd = if p.n_heads > 0 {
+        dim / p.n_heads as u64
+    } else {
+        0
+    };
     let q = p.n_heads.max(0) as u64 * hd;
     let kv = p.n_kv_heads.max(0) as u64 * hd;
     let hidden = p.ffn_hidden() as u64;
@@ -159,7 +198,12 @@ impl PoolSlice {
     }
 
     /// Call `f` with the parameter's values as consecutive runs of the pool, in order.
-    pub fn for_each_run(self, pool_len: usize, numel: usize, mut f: impl FnMut(std::ops::Range<usize>)) {
+    pub fn for_each_run(
+        self,
+        pool_len: usize,
+        numel: usize,
+        mut f: impl FnMut(std::ops::Range<usize>),
+    ) {
         match self {
             PoolSlice::Direct { start } => {
                 let s = start as usize;
@@ -249,8 +293,11 @@ impl ModelWeights {
         let mut values: Vec<Vec<f32>> = specs
             .par_iter()
             .map(|spec| {
-                let slice =
-                    PoolSlice::new(name_hash(block_hash, &spec.name), spec.numel(), pool.len() as u64);
+                let slice = PoolSlice::new(
+                    name_hash(block_hash, &spec.name),
+                    spec.numel(),
+                    pool.len() as u64,
+                );
                 let mut v = vec![0f32; spec.numel() as usize];
                 slice.fill(pool, &mut v);
                 v
@@ -294,7 +341,9 @@ mod tests {
         for numel in [8usize, 13, 14, 15, 30] {
             for hash in [0u64, 1, 6, 7, 12, 29, 1 << 31] {
                 let slice = PoolSlice::new(hash, numel as u64, 7);
-                let PoolSlice::Tiled { shift } = slice else { panic!("tiled") };
+                let PoolSlice::Tiled { shift } = slice else {
+                    panic!("tiled")
+                };
                 let mut out = vec![0u32; numel];
                 slice.fill(&pool, &mut out);
                 let want: Vec<u32> = (0..numel)
