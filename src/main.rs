@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "llama-pow", version, about = "Proof-of-compute server for the LLaMA-based PoW of the Gonka network")]
+#[command(
+    name = "llama-pow",
+    version,
+    about = "Proof-of-compute server for the LLaMA-based PoW of the Gonka network"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,6 +36,8 @@ enum Command {
         #[arg(long = "param", value_name = "NAME")]
         params: Vec<String>,
     },
+    /// Serve /generate, /warmup, /pooled and /health over HTTP until SIGTERM or SIGINT.
+    Serve(llama_pow::cli::serve::ServeArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -46,6 +52,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let out = llama_pow::cli::facts::run(&req, &params)?;
             println!("{}", serde_json::to_string(&out)?);
         }
+        Command::Serve(args) => llama_pow::cli::serve::run(&args)?,
     }
     Ok(())
 }

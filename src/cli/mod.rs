@@ -2,6 +2,7 @@
 
 pub mod compute;
 pub mod facts;
+pub mod serve;
 
 use crate::pow::request::ComputeRequest;
 use anyhow::Context;

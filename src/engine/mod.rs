@@ -1,3 +1,13 @@
-//! Running proof jobs on a backend: batches of nonces in, distances and proofs out.
+//! Running proof jobs on devices: batches of nonces in, distances and proofs out, one job
+//! owning the devices at a time (see [`job`]).
 
 pub mod batch;
+pub mod cache;
+pub mod device;
+pub mod job;
+
+pub use device::{CpuDevice, Device};
+pub use job::{
+    Assignment, BatchReport, Engine, EngineOptions, EngineStatus, GenerateJob, Job, JobControl,
+    JobEnd, JobError, JobEvent, JobHandle, ModelSpec, RangeJob, StopReason, SubmitError,
+};

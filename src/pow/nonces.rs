@@ -5,35 +5,20 @@
 //! `range_start + g + k*G` while it is `<= range_end` (inclusive). Nonces are u64; a schedule
 //! that would pass 2^64 - 1 ends there instead of wrapping.
 
-/// An endless (until u64 runs out) strided schedule for /generate.
+/// An endless (until u64 runs out) strided schedule for /generate: a range schedule that
+/// ends at the largest nonce.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GenerateSchedule {
-    next: Option<u64>,
-    stride: u64,
-}
+pub struct GenerateSchedule(RangeSchedule);
 
 impl GenerateSchedule {
     /// Worker `worker` of `n_workers` starting from `start_nonce`.
     pub fn new(start_nonce: u64, worker: u64, n_workers: u64) -> Self {
-        assert!(
-            n_workers > 0 && worker < n_workers,
-            "worker {worker} of {n_workers}"
-        );
-        GenerateSchedule {
-            next: start_nonce.checked_add(worker),
-            stride: n_workers,
-        }
+        GenerateSchedule(RangeSchedule::new(start_nonce, u64::MAX, worker, n_workers))
     }
 
     /// The next batch of up to `batch_size` nonces (empty when the u64 range is exhausted).
     pub fn next_batch(&mut self, batch_size: usize) -> Vec<u64> {
-        let mut out = Vec::with_capacity(batch_size);
-        while out.len() < batch_size {
-            let Some(n) = self.next else { break };
-            out.push(n);
-            self.next = n.checked_add(self.stride);
-        }
-        out
+        self.0.next_batch(batch_size)
     }
 
     /// `next_nonce` as the reference reports it after a batch: `max(nonces) + W`

@@ -153,7 +153,7 @@ impl Params {
                 ),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(err(
                 "n_heads",
                 format!(

@@ -1,0 +1,218 @@
+//! `llama-pow serve`: the HTTP server.
+
+use crate::api::{self, ServeConfig};
+use crate::engine::{CpuDevice, Device, Engine, EngineOptions};
+use crate::pow::dtype::Dtype;
+use clap::{Args, ValueEnum};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where the forward pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceChoice {
+    /// The best device this build has (the CPU until a CUDA backend exists).
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// The model dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeChoice {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DtypeChoice> for Dtype {
+    fn from(d: DtypeChoice) -> Self {
+        match d {
+            DtypeChoice::F32 => Dtype::F32,
+            DtypeChoice::F16 => Dtype::F16,
+            DtypeChoice::Bf16 => Dtype::Bf16,
+        }
+    }
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    let x: f64 = s
+        .parse()
+        .map_err(|_| format!("expected a number of seconds, got {s:?}"))?;
+    if !x.is_finite() || x <= 0.0 || x > 1e9 {
+        return Err(format!("expected a positive number of seconds, got {s}"));
+    }
+    Ok(Duration::from_secs_f64(x))
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on. Loopback by default: the PyWorker reaches the server there.
+    /// 0.0.0.0 opens the port to the network, and with it the devices and outgoing calls
+    /// to any URL a request names.
+    #[arg(long, env = "LLAMA_POW_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port, logged as "listening on").
+    #[arg(long, env = "LLAMA_POW_PORT", default_value_t = 18000)]
+    pub port: u16,
+    /// Device to compute on: auto (the CPU until a CUDA backend exists), cpu, cuda.
+    #[arg(long, env = "LLAMA_POW_DEVICE", value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Model dtype.
+    #[arg(long, env = "LLAMA_POW_DTYPE", value_enum, default_value = "f16")]
+    pub dtype: DtypeChoice,
+    /// Time limit of a /generate job (and of /warmup's generation), in seconds.
+    #[arg(long, env = "LLAMA_POW_MAX_JOB_SECONDS", default_value = "420", value_parser = seconds)]
+    pub max_job_seconds: Duration,
+    /// /warmup: interval between polls of the callback for params, in seconds.
+    #[arg(long, env = "LLAMA_POW_WARMUP_POLL_SECONDS", default_value = "5", value_parser = seconds)]
+    pub warmup_poll_seconds: Duration,
+    /// /warmup: give up waiting for params after this long, in seconds.
+    #[arg(long, env = "LLAMA_POW_WARMUP_MAX_SECONDS", default_value = "600", value_parser = seconds)]
+    pub warmup_max_seconds: Duration,
+    /// /pooled: interval between polls of the orchestrator's config, in seconds.
+    #[arg(long, env = "LLAMA_POW_POOLED_POLL_SECONDS", default_value = "0.5", value_parser = seconds)]
+    pub pooled_poll_seconds: Duration,
+    /// /pooled: longest wait for a block hash, and longest computing session, in seconds.
+    #[arg(long, env = "LLAMA_POW_POOLED_MAX_SECONDS", default_value = "600", value_parser = seconds)]
+    pub pooled_max_seconds: Duration,
+    /// /pooled: interval between heartbeats, in seconds.
+    #[arg(long, env = "LLAMA_POW_POOLED_HEARTBEAT_SECONDS", default_value = "10", value_parser = seconds)]
+    pub pooled_heartbeat_seconds: Duration,
+    /// /pooled: results waiting for the orchestrator at which computing pauses (none is ever
+    /// dropped; computing resumes when the backlog is down to half).
+    #[arg(long, env = "LLAMA_POW_POOLED_MAX_BACKLOG", default_value_t = 1000)]
+    pub pooled_max_backlog: usize,
+    /// /pooled: nonces per batch unless the orchestrator's config gives batch_size.
+    #[arg(long, env = "LLAMA_POW_POOLED_BATCH_SIZE", default_value_t = 32,
+          value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub pooled_batch_size: u64,
+    /// Timeout of every call to a warmup callback or the orchestrator, in seconds.
+    #[arg(long, env = "LLAMA_POW_CLIENT_TIMEOUT_SECONDS", default_value = "10", value_parser = seconds)]
+    pub client_timeout_seconds: Duration,
+    /// On SIGTERM / SIGINT: how long /pooled sessions may take to deliver their results and
+    /// notify the orchestrator before the process exits, in seconds.
+    #[arg(long, env = "LLAMA_POW_SHUTDOWN_GRACE_SECONDS", default_value = "25", value_parser = seconds)]
+    pub shutdown_grace_seconds: Duration,
+    /// Built models kept across requests (each as large as the model).
+    #[arg(long, env = "LLAMA_POW_MODEL_CACHE", default_value_t = 1)]
+    pub model_cache: usize,
+    /// HTTP worker threads.
+    #[arg(long, env = "LLAMA_POW_HTTP_WORKERS", default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub http_workers: u64,
+}
+
+impl ServeArgs {
+    pub fn config(&self) -> ServeConfig {
+        ServeConfig {
+            host: self.host.clone(),
+            port: self.port,
+            http_workers: self.http_workers as usize,
+            max_job: self.max_job_seconds,
+            warmup_poll: self.warmup_poll_seconds,
+            warmup_max: self.warmup_max_seconds,
+            pooled_poll: self.pooled_poll_seconds,
+            pooled_max: self.pooled_max_seconds,
+            pooled_heartbeat: self.pooled_heartbeat_seconds,
+            pooled_max_backlog: self.pooled_max_backlog.max(1),
+            pooled_batch_size: self.pooled_batch_size,
+            client_timeout: self.client_timeout_seconds,
+            shutdown_grace: self.shutdown_grace_seconds,
+            ..ServeConfig::default()
+        }
+    }
+
+    /// The devices this build can drive for the chosen `--device`.
+    pub fn devices(&self) -> anyhow::Result<Vec<Arc<dyn Device>>> {
+        match self.device {
+            DeviceChoice::Auto | DeviceChoice::Cpu => Ok(vec![Arc::new(CpuDevice::new())]),
+            DeviceChoice::Cuda => anyhow::bail!(
+                "--device cuda: this build has no CUDA backend yet; use --device cpu (or auto)"
+            ),
+        }
+    }
+}
+
+/// Standard output for log events, each event scrubbed of the PyWorker's fatal markers
+/// (see [`crate::logsafe`]) before it is written: a request field, a URL or a library's
+/// error text cannot make a log line look fatal. Fatal start-up failures are printed by
+/// `main` directly, unscrubbed.
+struct ScrubbedStdout;
+
+/// One event's bytes, written out scrubbed when the event is complete.
+struct ScrubbedEvent(Vec<u8>);
+
+impl std::io::Write for ScrubbedEvent {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ScrubbedEvent {
+    fn drop(&mut self) {
+        use std::io::Write;
+        if self.0.is_empty() {
+            return;
+        }
+        let text = String::from_utf8_lossy(&self.0);
+        let mut line = crate::logsafe::scrub(text.trim_end_matches(['\n', '\r']));
+        line.push('\n');
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(line.as_bytes());
+        let _ = out.flush();
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for ScrubbedStdout {
+    type Writer = ScrubbedEvent;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        ScrubbedEvent(Vec::with_capacity(256))
+    }
+}
+
+/// Logging to standard output, next to the ready line, without colours unless on a terminal.
+/// `LLAMA_POW_LOG` (or `RUST_LOG`) sets the filter. A panic (a bug) is logged scrubbed too:
+/// it ends the job it happened in, not the server.
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("LLAMA_POW_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info,actix_server=warn,actix_web=warn,actix_http=warn,hyper=warn,reqwest=warn,rustls=warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_ansi(std::io::stdout().is_terminal())
+        .with_target(false)
+        .with_writer(ScrubbedStdout)
+        .try_init();
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        tracing::error!(
+            "internal failure in thread {}: {}",
+            thread.name().unwrap_or("unnamed"),
+            crate::logsafe::scrub(&info.to_string())
+        );
+    }));
+}
+
+/// Run the server until SIGTERM / SIGINT.
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let devices = args.devices()?;
+    init_logging();
+    let engine = Engine::new(
+        devices,
+        EngineOptions {
+            dtype: args.dtype.into(),
+            model_cache: args.model_cache,
+            ..EngineOptions::default()
+        },
+    );
+    let cfg = args.config();
+    actix_web::rt::System::new().block_on(api::serve(cfg, engine))
+}

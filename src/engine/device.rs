@@ -1,0 +1,160 @@
+//! A device as the engine sees it: one worker's compute unit (the whole CPU, or one GPU group
+//! later), with the model type erased so that one engine can drive any backend.
+
+use crate::backend::cpu::{self, CpuBackend};
+use crate::backend::{Backend, BackendError};
+use crate::pow::dtype::Dtype;
+use crate::pow::params::Params;
+use std::any::Any;
+use std::sync::Arc;
+
+/// A model built on one device, type-erased.
+pub type AnyModel = Arc<dyn Any + Send + Sync>;
+
+/// One worker's device.
+pub trait Device: Send + Sync + 'static {
+    /// Short name for logs and /health ("cpu", "cuda:0").
+    fn name(&self) -> String;
+
+    /// Whether this device can serve `params` in `dtype` at all (checked before a request is
+    /// accepted, so that the client gets a 400 rather than an error inside the stream).
+    fn check(&self, params: &Params, dtype: Dtype) -> Result<(), BackendError>;
+
+    /// Bring the device up (contexts, thread pools) ahead of the first job.
+    fn warm_up(&self) {}
+
+    /// Build the weights of `params` for `block_hash` on this device.
+    fn build(
+        &self,
+        block_hash: &str,
+        params: &Params,
+        dtype: Dtype,
+    ) -> Result<AnyModel, BackendError>;
+
+    /// Forward a batch of inputs through a model built by [`Device::build`] on this device.
+    fn forward(
+        &self,
+        model: &AnyModel,
+        inputs: &[f32],
+        batch: usize,
+    ) -> Result<Vec<f32>, BackendError>;
+}
+
+fn forward_with<B: Backend>(
+    backend: &B,
+    model: &AnyModel,
+    inputs: &[f32],
+    batch: usize,
+) -> Result<Vec<f32>, BackendError>
+where
+    B::Model: 'static,
+{
+    let m = model.downcast_ref::<B::Model>().ok_or_else(|| {
+        BackendError::Device(format!(
+            "a model of another backend was handed to {}",
+            backend.name()
+        ))
+    })?;
+    backend.forward_last_logits(m, inputs, batch)
+}
+
+/// The CPU as one worker: every core through rayon.
+#[derive(Debug, Default)]
+pub struct CpuDevice {
+    backend: CpuBackend,
+}
+
+impl CpuDevice {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Device for CpuDevice {
+    fn name(&self) -> String {
+        self.backend.name()
+    }
+
+    fn check(&self, params: &Params, _dtype: Dtype) -> Result<(), BackendError> {
+        params
+            .validate()
+            .map_err(|e| BackendError::Unsupported(e.to_string()))?;
+        if params.use_fp8 {
+            return Err(BackendError::Unsupported(
+                "params.use_fp8: this server computes on the CPU, which has no FP8 support; \
+                 send use_fp8 false"
+                    .into(),
+            ));
+        }
+        cpu::check_model_fits(params, cpu::mem_available_bytes())
+    }
+
+    fn warm_up(&self) {
+        // Start rayon's global pool so that the first batch does not pay for it.
+        rayon::broadcast(|_| ());
+    }
+
+    fn build(
+        &self,
+        block_hash: &str,
+        params: &Params,
+        dtype: Dtype,
+    ) -> Result<AnyModel, BackendError> {
+        let m = self.backend.build_model(block_hash, params, dtype)?;
+        Ok(Arc::new(m))
+    }
+
+    fn forward(
+        &self,
+        model: &AnyModel,
+        inputs: &[f32],
+        batch: usize,
+    ) -> Result<Vec<f32>, BackendError> {
+        forward_with(&self.backend, model, inputs, batch)
+    }
+}
+
+/// Rough bytes one nonce occupies during a forward pass (inputs, activations, scores,
+/// logits and permutation), to cap a batch so that a large `batch_size` cannot exhaust memory.
+pub fn bytes_per_nonce(params: &Params) -> u64 {
+    let seq = params.seq_len.max(1) as u64;
+    let dim = params.dim.max(1) as u64;
+    let hidden = params.ffn_hidden() as u64;
+    let heads = params.n_heads.max(1) as u64;
+    let vocab = params.vocab_size.max(1) as u64;
+    let activations = seq * (6 * dim + 3 * hidden) + heads * seq * seq;
+    (activations + 4 * vocab) * 4
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_device_refuses_fp8_and_builds_tiny() {
+        let d = CpuDevice::new();
+        let mut p = Params {
+            dim: 64,
+            n_layers: 1,
+            n_heads: 4,
+            n_kv_heads: 4,
+            vocab_size: 50,
+            multiple_of: 32,
+            seq_len: 4,
+            ..Params::default()
+        };
+        d.check(&p, Dtype::F16).unwrap();
+        let m = d.build("h", &p, Dtype::F16).unwrap();
+        let inputs = vec![0.5f32; 2 * 4 * 64];
+        assert_eq!(d.forward(&m, &inputs, 2).unwrap().len(), 100);
+        p.use_fp8 = true;
+        assert!(d
+            .check(&p, Dtype::F16)
+            .unwrap_err()
+            .to_string()
+            .contains("use_fp8"));
+        let wrong: AnyModel = Arc::new(3u8);
+        assert!(d.forward(&wrong, &inputs, 2).is_err());
+        assert!(bytes_per_nonce(&p) > 0);
+    }
+}
