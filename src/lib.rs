@@ -11,3 +11,4 @@ pub mod cli;
 pub mod engine;
 pub mod logsafe;
 pub mod pow;
+pub mod telemetry;

@@ -38,6 +38,9 @@ enum Command {
     },
     /// Serve /generate, /warmup, /pooled and /health over HTTP until SIGTERM or SIGINT.
     Serve(llama_pow::cli::serve::ServeArgs),
+    /// Measure throughput and latency (locally, or of a running server with --server) and
+    /// write a run folder: report.json, metrics.csv, gpu.csv, throughput_latency.png.
+    Bench(llama_pow::cli::bench::BenchArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -53,6 +56,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&out)?);
         }
         Command::Serve(args) => llama_pow::cli::serve::run(&args)?,
+        Command::Bench(args) => {
+            let report = llama_pow::cli::bench::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "{}",
+                    std::path::Path::new(report["run_folder"].as_str().unwrap_or("."))
+                        .join(llama_pow::cli::bench::REPORT_FILE)
+                        .display()
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -4,10 +4,12 @@ use super::AppState;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
-/// `{"status": "healthy", "cuda_broken": false, "busy": ...}` plus what the engine is doing.
+/// `{"status": "healthy", "cuda_broken": false, "busy": ...}` plus what the engine is doing
+/// and the GPUs' readings (`gpus`: an empty list without NVML or GPUs).
 /// POST bodies (the PyWorker's benchmark posts `{}`) are ignored.
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let s = state.engine.status();
+    let gpus = state.gpus.recent(super::metrics::GPU_MAX_AGE);
     HttpResponse::Ok().json(json!({
         "status": "healthy",
         "cuda_broken": s.device_failed,
@@ -23,6 +25,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         "n_workers": state.engine.n_workers(),
         "dtype": state.engine.dtype().as_str(),
         "uptime_seconds": state.started.elapsed().as_secs(),
+        "gpus": gpus,
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }

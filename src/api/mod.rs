@@ -6,12 +6,14 @@ pub mod client;
 pub mod envelope;
 pub mod generate;
 pub mod health;
+pub mod metrics;
 pub use crate::logsafe;
 pub mod ndjson;
 pub mod pooled;
 pub mod warmup;
 
 use crate::engine::Engine;
+use crate::telemetry::GpuMonitor;
 use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use std::net::SocketAddr;
@@ -119,16 +121,28 @@ pub struct AppState {
     pub cfg: ServeConfig,
     pub started: Instant,
     pub sessions: Sessions,
+    /// GPU readings for /health and /metrics (none without NVML).
+    pub gpus: GpuMonitor,
     shutdown: watch::Receiver<bool>,
 }
 
 impl AppState {
     pub fn new(engine: Engine, cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Self {
+        Self::with_gpus(engine, cfg, shutdown, GpuMonitor::open())
+    }
+
+    pub fn with_gpus(
+        engine: Engine,
+        cfg: ServeConfig,
+        shutdown: watch::Receiver<bool>,
+        gpus: GpuMonitor,
+    ) -> Self {
         AppState {
             engine,
             cfg,
             started: Instant::now(),
             sessions: Sessions::default(),
+            gpus,
             shutdown,
         }
     }
@@ -147,7 +161,7 @@ impl AppState {
 async fn not_found() -> HttpResponse {
     envelope::error_response(
         StatusCode::NOT_FOUND,
-        "no such endpoint: use /health, /generate, /warmup or /pooled",
+        "no such endpoint: use /health, /metrics, /generate, /warmup or /pooled",
     )
 }
 
@@ -158,6 +172,13 @@ async fn method_not_allowed() -> HttpResponse {
     )
 }
 
+async fn get_only() -> HttpResponse {
+    envelope::error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed: this endpoint takes GET",
+    )
+}
+
 /// Every route.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -165,6 +186,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(health::health))
             .route(web::post().to(health::health))
             .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/metrics")
+            .route(web::get().to(metrics::metrics))
+            .default_service(web::to(get_only)),
     )
     .service(
         web::resource("/generate")

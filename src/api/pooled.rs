@@ -20,6 +20,7 @@ use crate::engine::{
 };
 use crate::pow::params::Params;
 use crate::pow::request::{parse_params, Fields};
+use crate::telemetry::Metrics;
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -59,7 +60,7 @@ pub async fn pooled(state: web::Data<AppState>, payload: web::Payload) -> HttpRe
         );
     }
     let orch = match Orchestrator::new(&url, state.cfg.client_timeout) {
-        Ok(o) => o,
+        Ok(o) => o.with_metrics(state.engine.metrics().clone()),
         Err(e) => {
             return super::envelope::error_response(
                 actix_web::http::StatusCode::INTERNAL_SERVER_ERROR,
@@ -70,9 +71,13 @@ pub async fn pooled(state: web::Data<AppState>, payload: web::Payload) -> HttpRe
     tracing::info!("pooled: worker {} for orchestrator {}", orch.worker_id, url);
     ndjson::response(move |sink| async move {
         let guard = state.sessions.enter();
+        let metrics = state.engine.metrics().clone();
+        metrics.pooled_session(1);
         let mut s = Session::new(state.clone(), orch, sink);
         let outcome = s.run().await;
         s.finish(outcome).await;
+        drop(s);
+        metrics.pooled_session(-1);
         drop(guard);
     })
 }
@@ -83,6 +88,7 @@ pub struct Orchestrator {
     http: reqwest::Client,
     base: String,
     pub worker_id: String,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Orchestrator {
@@ -91,7 +97,31 @@ impl Orchestrator {
             http: client::client(timeout)?,
             base: base.to_owned(),
             worker_id: uuid::Uuid::new_v4().to_string(),
+            metrics: None,
         })
+    }
+
+    /// Count failed calls and delivered results in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Count a failed call; `delivered` results when it succeeded.
+    fn record(
+        &self,
+        call: &str,
+        r: Result<Value, CallError>,
+        delivered: u64,
+    ) -> Result<Value, CallError> {
+        if let Some(m) = &self.metrics {
+            match &r {
+                Ok(_) if delivered > 0 => m.pooled_delivered(delivered),
+                Ok(_) => {}
+                Err(_) => m.orchestrator_error(call),
+            }
+        }
+        r
     }
 
     fn url(&self, path: &str) -> String {
@@ -105,51 +135,58 @@ impl Orchestrator {
     pub async fn connect(&self, gpu_count: usize, gpu_info: &Value) -> Result<Value, CallError> {
         let body =
             json!({"worker_id": self.worker_id, "gpu_count": gpu_count, "gpu_info": gpu_info});
-        client::post_json(&self.http, &self.url("/api/workers/connect"), &body).await
+        let r = client::post_json(&self.http, &self.url("/api/workers/connect"), &body).await;
+        self.record("connect", r, 0)
     }
 
     pub async fn config(&self) -> Result<Value, CallError> {
-        client::get_json(&self.http, &self.worker_url("/config"), &[]).await
+        let r = client::get_json(&self.http, &self.worker_url("/config"), &[]).await;
+        self.record("config", r, 0)
     }
 
     pub async fn ready(&self, gpu_count: usize) -> Result<Value, CallError> {
-        client::post_json(
+        let r = client::post_json(
             &self.http,
             &self.worker_url("/ready"),
             &json!({"gpu_count": gpu_count}),
         )
-        .await
+        .await;
+        self.record("ready", r, 0)
     }
 
     pub async fn result(&self, r: &Value) -> Result<Value, CallError> {
-        client::post_json(&self.http, &self.worker_url("/results"), r).await
+        let res = client::post_json(&self.http, &self.worker_url("/results"), r).await;
+        self.record("results", res, 1)
     }
 
     pub async fn results_batch(&self, rs: &[Value]) -> Result<Value, CallError> {
-        client::post_json(
+        let r = client::post_json(
             &self.http,
             &self.worker_url("/results/batch"),
             &json!({"results": rs}),
         )
-        .await
+        .await;
+        self.record("results_batch", r, rs.len() as u64)
     }
 
     pub async fn heartbeat(&self, pending: usize) -> Result<Value, CallError> {
-        client::post_json(
+        let r = client::post_json(
             &self.http,
             &self.worker_url("/heartbeat"),
             &json!({"pending_results": pending}),
         )
-        .await
+        .await;
+        self.record("heartbeat", r, 0)
     }
 
     pub async fn shutdown(&self, stats: &Value) -> Result<Value, CallError> {
-        client::post_json(
+        let r = client::post_json(
             &self.http,
             &self.worker_url("/shutdown"),
             &json!({"stats": stats}),
         )
-        .await
+        .await;
+        self.record("shutdown", r, 0)
     }
 }
 
@@ -301,6 +338,8 @@ struct Session {
     /// Results not yet accepted by the orchestrator, oldest first.
     backlog: VecDeque<Value>,
     pending: Arc<AtomicUsize>,
+    /// The backlog size last added to the metrics' gauge.
+    backlog_reported: i64,
     /// No post before this instant (backing off after a failure).
     next_flush: Instant,
     flush_failures: u32,
@@ -313,6 +352,16 @@ struct Session {
     compute_start: Option<Instant>,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
     paused: bool,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Whatever is left is no longer this server's backlog.
+        self.state
+            .engine
+            .metrics()
+            .pooled_backlog_add(-self.backlog_reported);
+    }
 }
 
 enum Step {
@@ -338,6 +387,7 @@ impl Session {
             cfg: WorkerConfig::default(),
             job: None,
             backlog: VecDeque::new(),
+            backlog_reported: 0,
             pending: Arc::new(AtomicUsize::new(0)),
             next_flush: Instant::now(),
             flush_failures: 0,
@@ -817,6 +867,9 @@ impl Session {
     fn backlog_changed(&mut self) {
         let n = self.backlog.len();
         self.pending.store(n, Ordering::SeqCst);
+        let m = self.state.engine.metrics();
+        m.pooled_backlog_add(n as i64 - self.backlog_reported);
+        self.backlog_reported = n as i64;
         let limit = self.state.cfg.pooled_max_backlog.max(1);
         let Some(job) = &self.job else { return };
         if !self.paused && n >= limit {

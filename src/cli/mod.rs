@@ -1,5 +1,6 @@
 //! Command-line front ends: each subcommand parses its input, runs, prints JSON.
 
+pub mod bench;
 pub mod compute;
 pub mod facts;
 pub mod serve;

@@ -34,7 +34,7 @@ impl From<DtypeChoice> for Dtype {
     }
 }
 
-fn seconds(s: &str) -> Result<Duration, String> {
+pub(crate) fn seconds(s: &str) -> Result<Duration, String> {
     let x: f64 = s
         .parse()
         .map_err(|_| format!("expected a number of seconds, got {s:?}"))?;

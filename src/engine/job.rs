@@ -17,6 +17,7 @@ use crate::backend::BackendError;
 use crate::pow::dtype::Dtype;
 use crate::pow::nonces::{GenerateSchedule, RangeSchedule};
 use crate::pow::params::Params;
+use crate::telemetry::{JobState, Metrics};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread;
@@ -156,6 +157,17 @@ impl StopReason {
         })
     }
 
+    /// A metric label: "preempted", "client_gone", "shutdown", "requested" or "failed".
+    pub fn label(self) -> &'static str {
+        match self {
+            StopReason::Preempted => "preempted",
+            StopReason::ClientGone => "client_gone",
+            StopReason::Shutdown => "shutdown",
+            StopReason::Requested => "requested",
+            StopReason::Failed => "failed",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             StopReason::Preempted => "preempted",
@@ -220,6 +232,8 @@ pub struct BatchReport {
     pub elapsed: Duration,
     /// /generate: `max(nonces) + n_workers`.
     pub next_nonce: u64,
+    /// How long this batch took on its worker: inputs, forward pass and distances.
+    pub compute_time: Duration,
 }
 
 impl BatchReport {
@@ -366,6 +380,7 @@ struct Inner {
     state: Mutex<State>,
     jobs_started: AtomicU64,
     device_failed: AtomicBool,
+    metrics: Arc<Metrics>,
 }
 
 /// The job engine. Cheap to clone.
@@ -377,6 +392,15 @@ pub struct Engine {
 impl Engine {
     /// An engine with one worker per device.
     pub fn new(devices: Vec<Arc<dyn Device>>, opts: EngineOptions) -> Self {
+        Self::with_metrics(devices, opts, Arc::new(Metrics::new()))
+    }
+
+    /// An engine that records its jobs, batches and builds into `metrics`.
+    pub fn with_metrics(
+        devices: Vec<Arc<dyn Device>>,
+        opts: EngineOptions,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         assert!(!devices.is_empty(), "an engine needs at least one device");
         Engine {
             inner: Arc::new(Inner {
@@ -387,8 +411,14 @@ impl Engine {
                 state: Mutex::new(State::default()),
                 jobs_started: AtomicU64::new(0),
                 device_failed: AtomicBool::new(false),
+                metrics,
             }),
         }
+    }
+
+    /// The metrics this engine records into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     pub fn n_workers(&self) -> usize {
@@ -456,6 +486,9 @@ impl Engine {
                 "preempting job {} for a newer request",
                 old.id
             );
+            if old.control.stopped().is_none() {
+                self.inner.metrics.preempted();
+            }
             old.control.stop(StopReason::Preempted);
         }
         st.next_id += 1;
@@ -465,6 +498,7 @@ impl Engine {
         let kind = job.kind();
         let inner = self.inner.clone();
         let ctl = control.clone();
+        self.inner.metrics.job_started(kind);
         thread::Builder::new()
             .name(format!("job-{id}"))
             .spawn(move || run_job(inner, id, job, ctl, tx))
@@ -545,7 +579,17 @@ fn run_job(
 ) {
     let started = Instant::now();
     let kind = job.kind();
-    let (end, totals) = run_job_holding_devices(&inner, &job, &control, &tx);
+    let (end, totals) = {
+        let mut state = StateGuard::new(&inner.metrics);
+        run_job_holding_devices(&inner, &job, &control, &tx, &mut state, started)
+    };
+    inner.metrics.job_finished(
+        kind,
+        match end {
+            JobEnd::Completed => "completed",
+            JobEnd::Stopped(r) => r.label(),
+        },
+    );
     {
         let mut st = lock(&inner.state);
         if st.current.as_ref().is_some_and(|r| r.id == id) {
@@ -568,6 +612,33 @@ fn run_job(
     send(&tx, JobEvent::Finished(end), &control, false);
 }
 
+/// A job's state in the metrics, left when the job ends however it ends.
+struct StateGuard<'a> {
+    metrics: &'a Metrics,
+    state: Option<JobState>,
+}
+
+impl<'a> StateGuard<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.job_state(None, Some(JobState::Waiting));
+        StateGuard {
+            metrics,
+            state: Some(JobState::Waiting),
+        }
+    }
+
+    fn set(&mut self, to: JobState) {
+        self.metrics.job_state(self.state, Some(to));
+        self.state = Some(to);
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        self.metrics.job_state(self.state.take(), None);
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 struct Totals {
     batches: u64,
@@ -580,6 +651,8 @@ fn run_job_holding_devices(
     job: &Job,
     control: &Arc<JobControl>,
     tx: &mpsc::Sender<JobEvent>,
+    state: &mut StateGuard<'_>,
+    submitted: Instant,
 ) -> (JobEnd, Totals) {
     let none = Totals::default();
     // Wait for the previous job's workers to let go of the devices.
@@ -597,11 +670,13 @@ fn run_job_holding_devices(
         return (JobEnd::Stopped(r), none);
     }
     let spec = job.model();
+    state.set(JobState::Building);
     let t0 = Instant::now();
     let (models, cached) = match models_for(inner, spec) {
         Ok(m) => m,
         Err(e) => {
             let err = JobError::from_backend(&e);
+            inner.metrics.device_error(err.error_type);
             if err.fatal {
                 inner.device_failed.store(true, Ordering::SeqCst);
             }
@@ -615,6 +690,7 @@ fn run_job_holding_devices(
         }
     };
     let seconds = t0.elapsed().as_secs_f64();
+    inner.metrics.model_ready(seconds, cached);
     tracing::info!(
         cached,
         seconds = format!("{seconds:.3}"),
@@ -652,6 +728,8 @@ fn run_job_holding_devices(
         ),
         Job::Range(_) => JobSpec::new(&spec.block_hash, "", &spec.params, dtype, f64::INFINITY),
     };
+    state.set(JobState::Computing);
+    let first_batch = AtomicBool::new(false);
     let compute_start = Instant::now();
     let totals: Vec<Totals> = thread::scope(|s| {
         let handles: Vec<_> = inner
@@ -670,6 +748,8 @@ fn run_job_holding_devices(
                     batch_size,
                     started: compute_start,
                     inner,
+                    submitted,
+                    first_batch: &first_batch,
                 };
                 let base = base.clone();
                 thread::Builder::new()
@@ -746,19 +826,33 @@ struct WorkerCtx<'a> {
     batch_size: usize,
     started: Instant,
     inner: &'a Inner,
+    /// When the job was submitted, and whether any worker has finished a batch yet.
+    submitted: Instant,
+    first_batch: &'a AtomicBool,
 }
 
 impl WorkerCtx<'_> {
-    /// Compute one batch; None (after reporting) when the device failed.
-    fn compute(&self, spec: &JobSpec, nonces: Vec<u64>) -> Option<batch::BatchResult> {
+    /// Compute one batch and how long it took; None (after reporting) when the device failed.
+    fn compute(&self, spec: &JobSpec, nonces: Vec<u64>) -> Option<(batch::BatchResult, Duration)> {
+        let t0 = Instant::now();
         let prepared = batch::prepare(spec, nonces);
         match self
             .device
             .forward(&self.model, &prepared.inputs, prepared.nonces.len())
         {
-            Ok(logits) => Some(batch::finish(spec, prepared, &logits)),
+            Ok(logits) => {
+                let r = batch::finish(spec, prepared, &logits);
+                let took = t0.elapsed();
+                let m = &self.inner.metrics;
+                m.batch(r.nonces.len() as u64, r.valid_nonces.len() as u64, took);
+                if !self.first_batch.swap(true, Ordering::SeqCst) {
+                    m.first_batch(self.submitted.elapsed());
+                }
+                Some((r, took))
+            }
             Err(e) => {
                 let err = JobError::from_backend(&e);
+                self.inner.metrics.device_error(err.error_type);
                 if err.fatal {
                     self.inner.device_failed.store(true, Ordering::SeqCst);
                 }
@@ -788,7 +882,7 @@ fn generate_worker(ctx: &WorkerCtx<'_>, spec: JobSpec, job: &GenerateJob) -> Tot
         if nonces.is_empty() {
             break;
         }
-        let Some(r) = ctx.compute(&spec, nonces) else {
+        let Some((r, compute_time)) = ctx.compute(&spec, nonces) else {
             break;
         };
         t.batches += 1;
@@ -809,6 +903,7 @@ fn generate_worker(ctx: &WorkerCtx<'_>, spec: JobSpec, job: &GenerateJob) -> Tot
             total_computed: t.computed,
             total_valid: t.valid,
             elapsed: ctx.started.elapsed(),
+            compute_time,
         };
         // A stopped /generate has no one to hand its last batch to: give up on a full queue.
         if !send(ctx.tx, JobEvent::Batch(report), ctx.control, true) {
@@ -859,7 +954,7 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
             thread::sleep(IDLE_POLL);
             continue;
         }
-        let Some(r) = ctx.compute(spec, nonces) else {
+        let Some((r, compute_time)) = ctx.compute(spec, nonces) else {
             break;
         };
         t.batches += 1;
@@ -886,6 +981,7 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
             total_computed: t.computed,
             total_valid: t.valid,
             elapsed: ctx.started.elapsed(),
+            compute_time,
         };
         // Range results must reach the orchestrator: wait for the reader even when stopping.
         if !send(ctx.tx, JobEvent::Batch(report), ctx.control, false) {

@@ -60,9 +60,15 @@ impl Server {
     /// Start `llama-pow serve` on a free loopback port with `extra` options and wait until it
     /// prints the ready line.
     pub fn start(extra: &[&str]) -> Server {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// [`Server::start`] with these environment variables set for the server.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_llama-pow"));
         cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"])
             .args(extra)
+            .envs(env.iter().copied())
             .env_remove("RUST_LOG")
             .env("LLAMA_POW_LOG", "info")
             .stdin(Stdio::null())

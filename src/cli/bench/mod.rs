@@ -1,0 +1,382 @@
+//! `llama-pow bench`: throughput and latency, written to a run folder.
+//!
+//! Locally ([`local`]) it sweeps dtypes and batch sizes on this machine's devices through the
+//! job engine, for a fixed time each. With `--server URL` ([`server`]) it drives a running
+//! server as its clients do: a sequence of /generate jobs, and /health probes arriving as a
+//! Poisson process meanwhile. Either way the folder holds `report.json`, `metrics.csv`,
+//! `gpu.csv` (NVML samples every 500 ms; only a header without GPUs) and
+//! `throughput_latency.png`; `--json` prints the report on standard output and nothing else.
+
+pub mod local;
+pub mod plot;
+pub mod server;
+pub mod stats;
+
+use super::serve::{seconds, DeviceChoice, DtypeChoice};
+use crate::pow::params::Params;
+use crate::telemetry::{GpuMonitor, GpuSample};
+use anyhow::Context;
+use clap::Args;
+use serde_json::Value;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The block hash the bench builds its model for, unless told otherwise.
+pub const DEFAULT_BLOCK_HASH: &str =
+    "5f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8";
+/// Interval between two NVML samples.
+pub const GPU_SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
+/// The plot's size in pixels.
+pub const PLOT_SIZE: (u32, u32) = (1280, 800);
+
+pub const REPORT_FILE: &str = "report.json";
+pub const METRICS_FILE: &str = "metrics.csv";
+pub const GPU_FILE: &str = "gpu.csv";
+pub const HEALTH_FILE: &str = "health.csv";
+pub const PLOT_FILE: &str = "throughput_latency.png";
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Model parameters: a preset (v1, v2, default) or a JSON file holding a params object
+    /// (or a request whose "params" key holds one).
+    #[arg(long, default_value = "v1")]
+    pub params: String,
+    /// Device to compute on (local runs): auto, cpu or cuda.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Model dtypes to sweep, comma-separated (local runs).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "f16")]
+    pub dtypes: Vec<DtypeChoice>,
+    /// Batch sizes to sweep, comma-separated (local runs; --server uses the first).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32",
+          value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub batch_sizes: Vec<u64>,
+    /// Seconds of computing per (dtype, batch size) (local runs).
+    #[arg(long, default_value = "10", value_parser = seconds)]
+    pub seconds: Duration,
+    /// The run folder (default: bench-runs/<UTC time>); created if missing.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print the report as one JSON object on standard output, and nothing else.
+    #[arg(long)]
+    pub json: bool,
+    /// Block hash the weights are drawn from.
+    #[arg(long, default_value = DEFAULT_BLOCK_HASH)]
+    pub block_hash: String,
+    /// r_target of the jobs (with --server it decides which batches give a line).
+    #[arg(long, default_value_t = 1.4)]
+    pub r_target: f64,
+    /// Drive the server at this URL (e.g. http://127.0.0.1:18000) instead of local devices.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// --server: /generate jobs to run one after the other.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=10000))]
+    pub jobs: u64,
+    /// --server: the client leaves a job after this many seconds...
+    #[arg(long, default_value = "10", value_parser = seconds)]
+    pub job_seconds: Duration,
+    /// --server: ...or after this many lines, whichever comes first.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub job_lines: Option<u64>,
+    /// --server: mean /health probes per second (a Poisson process; 0: none).
+    #[arg(long, default_value_t = 20.0)]
+    pub health_rate: f64,
+    /// --server: timeout of each /health probe, in seconds.
+    #[arg(long, default_value = "5", value_parser = seconds)]
+    pub health_timeout: Duration,
+}
+
+/// Run the bench; the report is returned (and printed by the caller when `--json`).
+pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
+    if !(args.r_target.is_finite() && args.r_target > 0.0) {
+        anyhow::bail!("--r-target: expected a positive number");
+    }
+    if !(args.health_rate.is_finite() && args.health_rate >= 0.0 && args.health_rate <= 10_000.0) {
+        anyhow::bail!("--health-rate: expected a number of probes per second in 0..=10000");
+    }
+    if args.batch_sizes.is_empty() || args.dtypes.is_empty() {
+        anyhow::bail!("--batch-sizes and --dtypes need at least one value each");
+    }
+    let (params, params_source) = load_params(&args.params)?;
+    let out = match &args.out {
+        Some(p) => p.clone(),
+        None => PathBuf::from("bench-runs").join(utc_stamp(SystemTime::now())),
+    };
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create the run folder {}", out.display()))?;
+    let progress = Progress::new(args.json);
+    let monitor = GpuMonitor::open();
+    let sampler = GpuSampler::start(monitor.clone(), &out.join(GPU_FILE))?;
+    let result = match &args.server {
+        Some(_) => server::run(args, &params, &params_source, &out, &progress),
+        None => local::run(args, &params, &params_source, &out, &progress, &sampler),
+    };
+    let samples = sampler.stop();
+    let mut report = result?;
+    // Common to both modes: the machine, NVML and the folder.
+    let nvml = serde_json::json!({
+        "available": monitor.available(),
+        "unavailable_reason": monitor.unavailable_reason(),
+        "driver_version": monitor.driver_version(),
+        "cuda_driver_version": monitor.cuda_driver_version(),
+        "samples": samples.len(),
+    });
+    let obj = report
+        .as_object_mut()
+        .context("internal: the report is not an object")?;
+    obj.insert("llama_pow_version".into(), env!("CARGO_PKG_VERSION").into());
+    obj.insert(
+        "machine".into(),
+        serde_json::to_value(crate::telemetry::system::Machine::detect())?,
+    );
+    obj.insert("gpus".into(), serde_json::to_value(monitor.sample())?);
+    obj.insert("nvml".into(), nvml);
+    obj.insert("run_folder".into(), out.display().to_string().into());
+    let text = serde_json::to_string_pretty(&report)?;
+    std::fs::write(out.join(REPORT_FILE), text + "\n")
+        .with_context(|| format!("cannot write {}", out.join(REPORT_FILE).display()))?;
+    progress.line(&format!("report written to {}", out.display()));
+    Ok(report)
+}
+
+/// Params from a preset name or a JSON file.
+pub fn load_params(spec: &str) -> anyhow::Result<(Params, String)> {
+    if let Some(p) = Params::preset(spec) {
+        return Ok((p, spec.to_ascii_lowercase()));
+    }
+    let path = Path::new(spec);
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!("--params: {spec:?} is neither a preset (v1, v2, default) nor a readable file")
+    })?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("--params: {spec} is not JSON"))?;
+    let inner = match v.get("params") {
+        Some(p) if p.is_object() => p,
+        _ => &v,
+    };
+    let p = crate::pow::request::parse_params(inner)?;
+    p.validate()?;
+    Ok((p, path.display().to_string()))
+}
+
+/// Parameters of the forward pass that count: all but the token embeddings, which the
+/// forward never reads.
+pub fn non_embedding_params(p: &Params) -> u64 {
+    crate::pow::weights::total_params(p)
+        .saturating_sub(p.vocab_size.max(0) as u64 * p.dim.max(0) as u64)
+}
+
+/// FLOPs of one nonce: 2 per weight per position, plus the attention products (scores and
+/// the weighted sum of values, both full seq_len x seq_len per head).
+pub fn flop_per_nonce(p: &Params) -> f64 {
+    let seq = p.seq_len.max(0) as f64;
+    let dim = p.dim.max(0) as f64;
+    let layers = p.n_layers.max(0) as f64;
+    2.0 * non_embedding_params(p) as f64 * seq + 4.0 * seq * seq * dim * layers
+}
+
+/// Progress for people: a bar on a terminal, plain lines otherwise, nothing with --json.
+pub struct Progress {
+    quiet: bool,
+    terminal: bool,
+}
+
+impl Progress {
+    pub fn new(quiet: bool) -> Self {
+        Progress {
+            quiet,
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// A bar of `len` steps, or None where plain lines are better.
+    pub fn bar(&self, len: u64) -> Option<indicatif::ProgressBar> {
+        if self.quiet || !self.terminal {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new(len);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} {msg}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        Some(bar)
+    }
+
+    /// A line on standard error (above the bar when there is one).
+    pub fn line(&self, s: &str) {
+        if !self.quiet {
+            eprintln!("{s}");
+        }
+    }
+}
+
+/// NVML samples every [`GPU_SAMPLE_INTERVAL`] into gpu.csv, kept in memory too.
+pub struct GpuSampler {
+    stop: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<Vec<(f64, GpuSample)>>>,
+    started: Instant,
+    samples: Arc<std::sync::Mutex<Vec<(f64, GpuSample)>>>,
+}
+
+pub const GPU_CSV_HEADER: [&str; 13] = [
+    "t_seconds",
+    "gpu",
+    "name",
+    "memory_used_bytes",
+    "memory_total_bytes",
+    "utilization_gpu_percent",
+    "utilization_memory_percent",
+    "power_watts",
+    "temperature_celsius",
+    "sm_clock_mhz",
+    "memory_clock_mhz",
+    "graphics_clock_mhz",
+    "uuid",
+];
+
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map(|x| x.to_string()).unwrap_or_default()
+}
+
+impl GpuSampler {
+    pub fn start(monitor: GpuMonitor, path: &Path) -> anyhow::Result<Self> {
+        let mut w = csv::Writer::from_path(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        w.write_record(GPU_CSV_HEADER)?;
+        w.flush()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let started = Instant::now();
+        let handle = if monitor.available() {
+            let stop = stop.clone();
+            let samples = samples.clone();
+            Some(
+                thread::Builder::new()
+                    .name("gpu-sampler".into())
+                    .spawn(move || {
+                        let mut next = Instant::now();
+                        while !stop.load(Ordering::SeqCst) {
+                            let t = started.elapsed().as_secs_f64();
+                            for g in monitor.sample() {
+                                let _ = w.write_record([
+                                    format!("{t:.3}"),
+                                    g.index.to_string(),
+                                    g.name.clone(),
+                                    opt(&g.memory_used_bytes),
+                                    opt(&g.memory_total_bytes),
+                                    opt(&g.utilization_gpu_percent),
+                                    opt(&g.utilization_memory_percent),
+                                    opt(&g.power_watts),
+                                    opt(&g.temperature_celsius),
+                                    opt(&g.sm_clock_mhz),
+                                    opt(&g.memory_clock_mhz),
+                                    opt(&g.graphics_clock_mhz),
+                                    opt(&g.uuid),
+                                ]);
+                                samples
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .push((t, g));
+                            }
+                            let _ = w.flush();
+                            next += GPU_SAMPLE_INTERVAL;
+                            while !stop.load(Ordering::SeqCst) && Instant::now() < next {
+                                thread::sleep(Duration::from_millis(20));
+                            }
+                        }
+                        Vec::new()
+                    })?,
+            )
+        } else {
+            None
+        };
+        Ok(GpuSampler {
+            stop,
+            handle,
+            started,
+            samples,
+        })
+    }
+
+    /// Seconds since sampling started.
+    pub fn now(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// The largest memory in use per GPU index between `from` and `to` (seconds).
+    pub fn peak_memory(&self, from: f64, to: f64) -> Vec<(u32, u64)> {
+        let s = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        let mut peak: std::collections::BTreeMap<u32, u64> = Default::default();
+        for (t, g) in s.iter() {
+            if *t >= from && *t <= to {
+                if let Some(m) = g.memory_used_bytes {
+                    let e = peak.entry(g.index).or_default();
+                    *e = (*e).max(m);
+                }
+            }
+        }
+        peak.into_iter().collect()
+    }
+
+    /// Stop and hand back every sample.
+    pub fn stop(mut self) -> Vec<(f64, GpuSample)> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        std::mem::take(&mut *self.samples.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// `YYYYMMDD-HHMMSS` in UTC.
+pub fn utc_stamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (proleptic Gregorian).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Seconds since the epoch.
+pub fn unix_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_and_flops() {
+        assert_eq!(
+            utc_stamp(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            "20231114-221320"
+        );
+        assert_eq!(utc_stamp(UNIX_EPOCH), "19700101-000000");
+        // PARAMS_V2: about 9.1 TFLOP per nonce.
+        let f = flop_per_nonce(&Params::v2());
+        assert!((f / 1e12 - 9.12).abs() < 0.05, "{f}");
+        assert!(load_params("v1").is_ok());
+        assert!(load_params("no-such-file.json").is_err());
+    }
+}

@@ -1,0 +1,463 @@
+//! The Prometheus registry of one server (or one bench run): the engine records jobs,
+//! batches and model builds into it, the HTTP layer records /pooled backlogs and orchestrator
+//! errors, and GET /metrics renders it as Prometheus text together with the GPU gauges.
+
+use super::gpu::GpuSample;
+use prometheus::{
+    exponential_buckets, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The window over which `llama_pow_nonces_per_second` is averaged.
+pub const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    /// Waiting for the previous job to let go of the devices.
+    Waiting,
+    /// Building (or fetching from the cache) the weights.
+    Building,
+    /// Running batches.
+    Computing,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 3] = [JobState::Waiting, JobState::Building, JobState::Computing];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Waiting => "waiting",
+            JobState::Building => "building",
+            JobState::Computing => "computing",
+        }
+    }
+}
+
+/// Every metric the server exposes. Cheap to record into from any thread.
+pub struct Metrics {
+    registry: Registry,
+    jobs_started: IntCounterVec,
+    jobs_finished: IntCounterVec,
+    job_state: IntGaugeVec,
+    preemptions: IntCounter,
+    nonces_computed: IntCounter,
+    nonces_valid: IntCounter,
+    batches: IntCounter,
+    nonces_per_second: Gauge,
+    batch_seconds: Histogram,
+    time_to_first_batch: Histogram,
+    last_time_to_first_batch: Gauge,
+    model_build: Histogram,
+    last_model_build: Gauge,
+    model_cache_hits: IntCounter,
+    device_errors: IntCounterVec,
+    pooled_backlog: IntGauge,
+    pooled_sessions: IntGauge,
+    pooled_results_delivered: IntCounter,
+    orchestrator_errors: IntCounterVec,
+    gpus: IntGauge,
+    gpu_memory_used: GaugeVec,
+    gpu_memory_total: GaugeVec,
+    gpu_utilization: GaugeVec,
+    gpu_memory_utilization: GaugeVec,
+    gpu_power: GaugeVec,
+    gpu_temperature: GaugeVec,
+    gpu_sm_clock: GaugeVec,
+    gpu_memory_clock: GaugeVec,
+    /// (when, nonces) of the batches of the last [`RATE_WINDOW`].
+    recent: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        // Names, help texts and label sets are constants: registration cannot fail.
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone()))
+                .expect("metric names are unique and valid");
+            c
+        }
+        fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+            reg(r, IntCounter::new(name, help).expect("valid counter"))
+        }
+        fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+            reg(
+                r,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter"),
+            )
+        }
+        fn gauge(r: &Registry, name: &str, help: &str) -> Gauge {
+            reg(r, Gauge::new(name, help).expect("valid gauge"))
+        }
+        fn gpu_gauge(r: &Registry, name: &str, help: &str) -> GaugeVec {
+            reg(
+                r,
+                GaugeVec::new(Opts::new(name, help), &["gpu", "name"]).expect("valid gauge"),
+            )
+        }
+        fn histogram(r: &Registry, name: &str, help: &str, start: f64, n: usize) -> Histogram {
+            let buckets = exponential_buckets(start, 2.0, n).expect("valid buckets");
+            reg(
+                r,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                    .expect("valid histogram"),
+            )
+        }
+        let r = &registry;
+        let job_state = reg(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "llama_pow_job_state",
+                    "Jobs in each state (idle is 1 when no job exists)",
+                ),
+                &["state"],
+            )
+            .expect("valid gauge"),
+        );
+        for s in ["idle", "waiting", "building", "computing"] {
+            job_state.with_label_values(&[s]).set(0);
+        }
+        job_state.with_label_values(&["idle"]).set(1);
+        Metrics {
+            jobs_started: counter_vec(
+                r,
+                "llama_pow_jobs_started_total",
+                "Jobs submitted to the engine, by kind",
+                &["kind"],
+            ),
+            jobs_finished: counter_vec(
+                r,
+                "llama_pow_jobs_finished_total",
+                "Jobs that ended, by kind and how they ended",
+                &["kind", "end"],
+            ),
+            job_state,
+            preemptions: counter(
+                r,
+                "llama_pow_preemptions_total",
+                "Running jobs stopped because a newer request took the devices",
+            ),
+            nonces_computed: counter(
+                r,
+                "llama_pow_nonces_computed_total",
+                "Nonces whose distance was computed",
+            ),
+            nonces_valid: counter(
+                r,
+                "llama_pow_nonces_valid_total",
+                "Computed nonces closer than r_target",
+            ),
+            batches: counter(r, "llama_pow_batches_total", "Batches computed"),
+            nonces_per_second: gauge(
+                r,
+                "llama_pow_nonces_per_second",
+                "Nonces computed per second over the last 10 s",
+            ),
+            batch_seconds: histogram(
+                r,
+                "llama_pow_batch_seconds",
+                "Time of one batch on one worker: inputs, forward pass, distances",
+                0.0005,
+                18,
+            ),
+            time_to_first_batch: histogram(
+                r,
+                "llama_pow_time_to_first_batch_seconds",
+                "From a job's submission to its first computed batch",
+                0.001,
+                20,
+            ),
+            last_time_to_first_batch: gauge(
+                r,
+                "llama_pow_last_time_to_first_batch_seconds",
+                "Time to first batch of the latest job that computed one",
+            ),
+            model_build: histogram(
+                r,
+                "llama_pow_model_build_seconds",
+                "Time to build a model's weights on the devices (cache misses only)",
+                0.001,
+                20,
+            ),
+            last_model_build: gauge(
+                r,
+                "llama_pow_last_model_build_seconds",
+                "Weight-build time of the latest model built",
+            ),
+            model_cache_hits: counter(
+                r,
+                "llama_pow_model_cache_hits_total",
+                "Jobs whose model came from the cache",
+            ),
+            device_errors: counter_vec(
+                r,
+                "llama_pow_device_errors_total",
+                "Model builds and batches that failed, by error type",
+                &["error_type"],
+            ),
+            pooled_backlog: reg(
+                r,
+                IntGauge::new(
+                    "llama_pow_pooled_backlog",
+                    "Results of /pooled sessions not yet delivered to the orchestrator",
+                )
+                .expect("valid gauge"),
+            ),
+            pooled_sessions: reg(
+                r,
+                IntGauge::new("llama_pow_pooled_sessions", "Running /pooled sessions")
+                    .expect("valid gauge"),
+            ),
+            pooled_results_delivered: counter(
+                r,
+                "llama_pow_pooled_results_delivered_total",
+                "/pooled results the orchestrator accepted",
+            ),
+            orchestrator_errors: counter_vec(
+                r,
+                "llama_pow_orchestrator_errors_total",
+                "Failed calls to the orchestrator, by call",
+                &["call"],
+            ),
+            gpus: reg(
+                r,
+                IntGauge::new("llama_pow_gpus", "GPUs NVML reports (0 without NVML)")
+                    .expect("valid gauge"),
+            ),
+            gpu_memory_used: gpu_gauge(r, "llama_pow_gpu_memory_used_bytes", "GPU memory in use"),
+            gpu_memory_total: gpu_gauge(
+                r,
+                "llama_pow_gpu_memory_total_bytes",
+                "GPU memory installed",
+            ),
+            gpu_utilization: gpu_gauge(
+                r,
+                "llama_pow_gpu_utilization_percent",
+                "Share of the last sample period a kernel ran on the GPU",
+            ),
+            gpu_memory_utilization: gpu_gauge(
+                r,
+                "llama_pow_gpu_memory_utilization_percent",
+                "Share of the last sample period GPU memory was read or written",
+            ),
+            gpu_power: gpu_gauge(r, "llama_pow_gpu_power_watts", "GPU power draw"),
+            gpu_temperature: gpu_gauge(
+                r,
+                "llama_pow_gpu_temperature_celsius",
+                "GPU core temperature",
+            ),
+            gpu_sm_clock: gpu_gauge(r, "llama_pow_gpu_sm_clock_mhz", "GPU SM clock"),
+            gpu_memory_clock: gpu_gauge(r, "llama_pow_gpu_memory_clock_mhz", "GPU memory clock"),
+            recent: Mutex::new(VecDeque::new()),
+            registry,
+        }
+    }
+
+    pub fn job_started(&self, kind: &str) {
+        self.jobs_started.with_label_values(&[kind]).inc();
+    }
+
+    /// `end`: "completed", "preempted", "client_gone", "shutdown", "requested" or "failed".
+    pub fn job_finished(&self, kind: &str, end: &str) {
+        self.jobs_finished.with_label_values(&[kind, end]).inc();
+    }
+
+    /// A job entered `to` (from `from`, if it was in a state).
+    pub fn job_state(&self, from: Option<JobState>, to: Option<JobState>) {
+        if let Some(f) = from {
+            self.job_state.with_label_values(&[f.as_str()]).dec();
+        }
+        if let Some(t) = to {
+            self.job_state.with_label_values(&[t.as_str()]).inc();
+        }
+        let busy: i64 = JobState::ALL
+            .iter()
+            .map(|s| self.job_state.with_label_values(&[s.as_str()]).get())
+            .sum();
+        self.job_state
+            .with_label_values(&["idle"])
+            .set(i64::from(busy == 0));
+    }
+
+    pub fn preempted(&self) {
+        self.preemptions.inc();
+    }
+
+    /// One batch of `computed` nonces (`valid` of them proofs) that took `latency`.
+    pub fn batch(&self, computed: u64, valid: u64, latency: Duration) {
+        self.batches.inc();
+        self.nonces_computed.inc_by(computed);
+        self.nonces_valid.inc_by(valid);
+        self.batch_seconds.observe(latency.as_secs_f64());
+        let now = Instant::now();
+        let mut r = lock(&self.recent);
+        r.push_back((now, computed));
+        Self::prune(&mut r, now);
+    }
+
+    fn prune(r: &mut VecDeque<(Instant, u64)>, now: Instant) {
+        while r
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            r.pop_front();
+        }
+    }
+
+    /// Nonces per second over the last [`RATE_WINDOW`].
+    pub fn nonces_per_second(&self) -> f64 {
+        let now = Instant::now();
+        let mut r = lock(&self.recent);
+        Self::prune(&mut r, now);
+        let n: u64 = r.iter().map(|(_, c)| c).sum();
+        n as f64 / RATE_WINDOW.as_secs_f64()
+    }
+
+    pub fn first_batch(&self, since_submit: Duration) {
+        self.time_to_first_batch.observe(since_submit.as_secs_f64());
+        self.last_time_to_first_batch
+            .set(since_submit.as_secs_f64());
+    }
+
+    /// A model was ready after `seconds`, built or from the cache.
+    pub fn model_ready(&self, seconds: f64, cached: bool) {
+        if cached {
+            self.model_cache_hits.inc();
+        } else {
+            self.model_build.observe(seconds);
+            self.last_model_build.set(seconds);
+        }
+    }
+
+    pub fn device_error(&self, error_type: &str) {
+        self.device_errors.with_label_values(&[error_type]).inc();
+    }
+
+    /// Change the /pooled backlog by `delta` results.
+    pub fn pooled_backlog_add(&self, delta: i64) {
+        self.pooled_backlog.add(delta);
+    }
+
+    pub fn pooled_session(&self, delta: i64) {
+        self.pooled_sessions.add(delta);
+    }
+
+    pub fn pooled_delivered(&self, n: u64) {
+        self.pooled_results_delivered.inc_by(n);
+    }
+
+    /// `call`: "connect", "config", "ready", "results", "results_batch", "heartbeat",
+    /// "shutdown".
+    pub fn orchestrator_error(&self, call: &str) {
+        self.orchestrator_errors.with_label_values(&[call]).inc();
+    }
+
+    pub fn nonces_computed(&self) -> u64 {
+        self.nonces_computed.get()
+    }
+
+    /// Everything as Prometheus text (format 0.0.4), with these GPU readings.
+    pub fn render(&self, gpus: &[GpuSample]) -> String {
+        self.nonces_per_second.set(self.nonces_per_second());
+        self.gpus.set(gpus.len() as i64);
+        let all = [
+            &self.gpu_memory_used,
+            &self.gpu_memory_total,
+            &self.gpu_utilization,
+            &self.gpu_memory_utilization,
+            &self.gpu_power,
+            &self.gpu_temperature,
+            &self.gpu_sm_clock,
+            &self.gpu_memory_clock,
+        ];
+        for g in all {
+            g.reset();
+        }
+        for s in gpus {
+            let index = s.index.to_string();
+            let labels = [index.as_str(), s.name.as_str()];
+            let set = |g: &GaugeVec, v: Option<f64>| {
+                if let Some(v) = v {
+                    g.with_label_values(&labels).set(v);
+                }
+            };
+            set(&self.gpu_memory_used, s.memory_used_bytes.map(|x| x as f64));
+            set(
+                &self.gpu_memory_total,
+                s.memory_total_bytes.map(|x| x as f64),
+            );
+            set(
+                &self.gpu_utilization,
+                s.utilization_gpu_percent.map(f64::from),
+            );
+            set(
+                &self.gpu_memory_utilization,
+                s.utilization_memory_percent.map(f64::from),
+            );
+            set(&self.gpu_power, s.power_watts);
+            set(&self.gpu_temperature, s.temperature_celsius.map(f64::from));
+            set(&self.gpu_sm_clock, s.sm_clock_mhz.map(f64::from));
+            set(&self.gpu_memory_clock, s.memory_clock_mhz.map(f64::from));
+        }
+        let mut buf = Vec::with_capacity(8192);
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// The content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_states_and_gpu_gauges() {
+        let m = Metrics::new();
+        m.job_started("generate");
+        m.job_state(None, Some(JobState::Waiting));
+        m.job_state(Some(JobState::Waiting), Some(JobState::Computing));
+        m.batch(8, 2, Duration::from_millis(3));
+        m.model_ready(0.5, false);
+        m.model_ready(0.0, true);
+        m.orchestrator_error("heartbeat");
+        let gpu = GpuSample {
+            index: 0,
+            name: "Test GPU".into(),
+            memory_used_bytes: Some(1 << 30),
+            power_watts: Some(300.5),
+            ..GpuSample::default()
+        };
+        let text = m.render(&[gpu]);
+        assert!(text.contains("llama_pow_nonces_computed_total 8"), "{text}");
+        assert!(text.contains("llama_pow_nonces_valid_total 2"));
+        assert!(text.contains("llama_pow_job_state{state=\"computing\"} 1"));
+        assert!(text.contains("llama_pow_job_state{state=\"idle\"} 0"));
+        assert!(text.contains("llama_pow_gpu_power_watts{gpu=\"0\",name=\"Test GPU\"} 300.5"));
+        assert!(text.contains("llama_pow_orchestrator_errors_total{call=\"heartbeat\"} 1"));
+        assert!(text.contains("llama_pow_gpus 1"));
+        assert!(m.nonces_per_second() > 0.0);
+        m.job_state(Some(JobState::Computing), None);
+        let text = m.render(&[]);
+        assert!(text.contains("llama_pow_job_state{state=\"idle\"} 1"));
+        assert!(!text.contains("llama_pow_gpu_power_watts{"));
+        assert!(text.contains("llama_pow_gpus 0"));
+    }
+}
