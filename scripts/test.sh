@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The project's test command: the Rust tests, then the SDK end-to-end tests (the Vast.ai
+# PyWorker, the Runpod handler, start_server.sh, the Dockerfile and workflow lints) against a
+# freshly built release server on loopback.
+#
+#   scripts/test.sh             everything (what .ci/run runs)
+#   scripts/test.sh --sdk-only  only the SDK end-to-end tests
+#
+# The Python side lives in a virtual environment in .venv/ (git-ignored; VENV overrides the
+# place, PYTHON the interpreter that creates it), filled from worker/requirements-test.txt
+# with the pinned SDKs. It is skipped, saying so, only when there is no Python at all.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=all
+case "${1:-}" in
+    "") ;;
+    --sdk-only) mode=sdk ;;
+    *)
+        echo "usage: scripts/test.sh [--sdk-only]" >&2
+        exit 2
+        ;;
+esac
+
+if [[ "$mode" == all ]]; then
+    cargo test --release
+fi
+
+python="${PYTHON:-python3}"
+if ! command -v "$python" >/dev/null 2>&1; then
+    echo "SDK end-to-end tests SKIPPED: no $python on PATH (they need Python 3.10 or newer)"
+    exit 0
+fi
+
+# The server binary the end-to-end tests start.
+cargo build --release --bin llama-pow
+
+venv="${VENV:-.venv}"
+if [[ ! -x "$venv/bin/python" ]]; then
+    "$python" -m venv "$venv"
+fi
+# Install only when the requirements changed since the last install.
+stamp="$venv/.llama-pow-requirements"
+want="$(cat worker/requirements*.txt | sha256sum | cut -d' ' -f1) $("$venv/bin/python" -V 2>&1)"
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+    "$venv/bin/python" -m pip install --disable-pip-version-check -q -r worker/requirements-test.txt
+    echo "$want" > "$stamp"
+fi
+
+export PYTHONDONTWRITEBYTECODE=1
+export LLAMA_POW_BIN="$PWD/target/release/llama-pow"
+# Bounded: the suite takes about a minute; a hung test must not hold CI.
+timeout --kill-after=30 900 "$venv/bin/python" -m pytest worker/tests -p no:cacheprovider -rs
