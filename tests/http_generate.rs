@@ -444,7 +444,10 @@ fn device_cuda_is_refused_at_start_up() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no CUDA backend yet"), "{err}");
+    assert!(
+        err.contains("--device cuda: cannot compute on CUDA"),
+        "{err}"
+    );
     assert!(!String::from_utf8_lossy(&out.stdout).contains(READY_LINE));
     // The environment variable works too.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_llama-pow"))
@@ -452,5 +455,5 @@ fn device_cuda_is_refused_at_start_up() {
         .env("LLAMA_POW_DEVICE", "cuda")
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no CUDA backend yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot compute on CUDA"));
 }

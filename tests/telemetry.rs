@@ -291,6 +291,14 @@ fn bench_json_prints_exactly_one_object() {
     assert!(it.next().is_none());
     assert!(v.is_object());
     assert!(v["results"][0]["nonces_per_second"].as_f64().unwrap() > 0.0);
+    // CUDA discovery is part of the report: GPUs, or why there are none.
+    let cuda = &v["cuda"];
+    assert_eq!(cuda["forward_pass"], false);
+    if cuda["available"] == false {
+        assert!(!cuda["unavailable_reason"].as_str().unwrap().is_empty());
+    } else {
+        assert!(!cuda["gpus"].as_array().unwrap().is_empty());
+    }
     assert!(
         o.stderr.is_empty(),
         "{}",
@@ -304,7 +312,7 @@ fn bench_refuses_what_it_cannot_do() {
     for (args, needle) in [
         (
             vec!["--device", "cuda", "--seconds", "0.1"],
-            "no CUDA backend",
+            "cannot compute on CUDA",
         ),
         (vec!["--params", "nope.json"], "neither a preset"),
     ] {
@@ -323,6 +331,8 @@ fn bench_refuses_what_it_cannot_do() {
 
 #[test]
 fn server_bench_drives_a_running_server() {
+    // The jobs run for their whole second, so that /health probes arriving at 40/s certainly
+    // fall inside the run (a run bounded by a few lines would last milliseconds).
     let s = Server::start_with_env(&["--max-job-seconds", "30"], &[("LLAMA_POW_NVML", "0")]);
     let dir = scratch("bench-server");
     let params = tiny_params_file(&dir);
@@ -341,7 +351,7 @@ fn server_bench_drives_a_running_server() {
         "--job-seconds",
         "1",
         "--job-lines",
-        "50",
+        "1000000",
         "--health-rate",
         "40",
         "--json",
@@ -356,7 +366,6 @@ fn server_bench_drives_a_running_server() {
     for j in jobs {
         assert_eq!(j["status"], 200);
         assert!(j["lines"].as_u64().unwrap() > 0, "{j}");
-        assert!(j["lines"].as_u64().unwrap() <= 50);
         assert!(j["time_to_first_result_seconds"].as_f64().unwrap() > 0.0);
         assert!(j["nonces_computed"].as_u64().unwrap() > 0);
         assert_eq!(j["errors"].as_array().unwrap().len(), 0, "{j}");
@@ -379,5 +388,31 @@ fn server_bench_drives_a_running_server() {
     // The server saw the jobs: its own counters moved.
     let m = scrape(&s);
     assert!(value(&m, "llama_pow_jobs_started_total", &[("kind", "generate")]).unwrap() >= 2.0);
+
+    // The client also leaves after a number of lines: 5 lines long before the 30 s limit.
+    let out = dir.join("run-lines");
+    let o = bench(&[
+        "--server",
+        &s.url(""),
+        "--params",
+        params.to_str().unwrap(),
+        "--batch-sizes",
+        "4",
+        "--r-target",
+        "10",
+        "--jobs",
+        "1",
+        "--job-seconds",
+        "30",
+        "--job-lines",
+        "5",
+        "--health-rate",
+        "1",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["jobs"][0]["lines"], 5, "{}", v["jobs"][0]);
     s.assert_clean_log();
 }

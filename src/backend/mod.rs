@@ -2,6 +2,7 @@
 //! input embeddings in, last-position logits out.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;

@@ -1,6 +1,7 @@
 //! `llama-pow serve`: the HTTP server.
 
 use crate::api::{self, ServeConfig};
+use crate::backend::cuda::{self, CudaUnavailable, GpuInfo};
 use crate::engine::{CpuDevice, Device, Engine, EngineOptions};
 use crate::pow::dtype::Dtype;
 use clap::{Args, ValueEnum};
@@ -10,7 +11,8 @@ use std::time::Duration;
 /// Where the forward pass runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceChoice {
-    /// The best device this build has (the CPU until a CUDA backend exists).
+    /// CUDA when a usable GPU and a CUDA forward pass exist, else the CPU (with a log line
+    /// saying why).
     Auto,
     Cpu,
     Cuda,
@@ -54,7 +56,7 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port, logged as "listening on").
     #[arg(long, env = "LLAMA_POW_PORT", default_value_t = 18000)]
     pub port: u16,
-    /// Device to compute on: auto (the CPU until a CUDA backend exists), cpu, cuda.
+    /// Device to compute on: auto (CUDA when usable, else the CPU), cpu, cuda.
     #[arg(long, env = "LLAMA_POW_DEVICE", value_enum, default_value = "auto")]
     pub device: DeviceChoice,
     /// Model dtype.
@@ -123,13 +125,81 @@ impl ServeArgs {
     }
 
     /// The devices this build can drive for the chosen `--device`.
+    /// When `auto` falls back to the CPU, a warning saying why is logged (call after
+    /// logging is set up).
     pub fn devices(&self) -> anyhow::Result<Vec<Arc<dyn Device>>> {
-        match self.device {
-            DeviceChoice::Auto | DeviceChoice::Cpu => Ok(vec![Arc::new(CpuDevice::new())]),
-            DeviceChoice::Cuda => anyhow::bail!(
-                "--device cuda: this build has no CUDA backend yet; use --device cpu (or auto)"
-            ),
+        let (devices, note) = resolve_devices(self.device)?;
+        if let Some(note) = note {
+            tracing::warn!("{note}");
         }
+        Ok(devices)
+    }
+}
+
+/// What `--device` resolves to on this machine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DevicePlan {
+    /// Compute on the CPU; `note` says why not on a GPU when `auto` fell back to it.
+    Cpu { note: Option<String> },
+    /// Compute on these GPUs.
+    Cuda(Vec<GpuInfo>),
+}
+
+/// Decide where to compute. `discover` is only called when the choice needs it (not for
+/// `cpu`); `has_forward` says whether this build has a CUDA forward pass. `auto` takes CUDA
+/// when both a GPU and the forward pass exist, else the CPU with a note saying why; `cuda`
+/// fails with the reason instead of falling back.
+pub fn plan_devices(
+    choice: DeviceChoice,
+    discover: impl FnOnce() -> Result<Vec<GpuInfo>, CudaUnavailable>,
+    has_forward: bool,
+) -> Result<DevicePlan, String> {
+    if choice == DeviceChoice::Cpu {
+        return Ok(DevicePlan::Cpu { note: None });
+    }
+    let why_not = match discover() {
+        Ok(gpus) if has_forward => return Ok(DevicePlan::Cuda(gpus)),
+        Ok(gpus) => {
+            let list: Vec<String> = gpus.iter().map(GpuInfo::to_string).collect();
+            format!(
+                "this build has no CUDA forward pass yet (found {} GPU{}: {})",
+                gpus.len(),
+                if gpus.len() == 1 { "" } else { "s" },
+                list.join("; ")
+            )
+        }
+        Err(why) => why.to_string(),
+    };
+    match choice {
+        DeviceChoice::Cuda => Err(format!(
+            "--device cuda: cannot compute on CUDA: {why_not}; use --device cpu (or auto)"
+        )),
+        _ => Ok(DevicePlan::Cpu {
+            note: Some(format!(
+                "--device auto: computing on the CPU, not on CUDA: {why_not}"
+            )),
+        }),
+    }
+}
+
+/// A worker's devices and, when `auto` fell back to the CPU, the note saying why.
+pub type ResolvedDevices = (Vec<Arc<dyn Device>>, Option<String>);
+
+/// The devices of `choice` on this machine: [`plan_devices`] with the machine's CUDA
+/// discovery.
+pub fn resolve_devices(choice: DeviceChoice) -> anyhow::Result<ResolvedDevices> {
+    match plan_devices(choice, cuda::cuda_available, cuda::HAS_FORWARD) {
+        Ok(DevicePlan::Cpu { note }) => Ok((vec![Arc::new(CpuDevice::new())], note)),
+        Ok(DevicePlan::Cuda(gpus)) => anyhow::bail!(
+            "--device {}: {} GPU(s) found, but no CUDA device can be driven by this build",
+            if choice == DeviceChoice::Cuda {
+                "cuda"
+            } else {
+                "auto"
+            },
+            gpus.len()
+        ),
+        Err(why) => Err(anyhow::anyhow!(why)),
     }
 }
 
@@ -203,8 +273,8 @@ pub fn init_logging() {
 
 /// Run the server until SIGTERM / SIGINT.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
-    let devices = args.devices()?;
     init_logging();
+    let devices = args.devices()?;
     let engine = Engine::new(
         devices,
         EngineOptions {
@@ -215,4 +285,86 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     );
     let cfg = args.config();
     actix_web::rt::System::new().block_on(api::serve(cfg, engine))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::CudaLibrary;
+
+    fn h100(ordinal: usize) -> GpuInfo {
+        GpuInfo {
+            ordinal,
+            name: "NVIDIA H100 80GB HBM3".into(),
+            compute_capability: (9, 0),
+            total_bytes: 85_520_809_984,
+            free_bytes: 84_987_133_952,
+        }
+    }
+
+    fn missing() -> Result<Vec<GpuInfo>, CudaUnavailable> {
+        Err(CudaUnavailable::LibraryMissing(CudaLibrary::Driver))
+    }
+
+    #[test]
+    fn cpu_never_probes_cuda() {
+        let plan = plan_devices(DeviceChoice::Cpu, || panic!("probed"), true).unwrap();
+        assert_eq!(plan, DevicePlan::Cpu { note: None });
+    }
+
+    #[test]
+    fn auto_takes_cuda_when_usable_else_says_why() {
+        let gpus = vec![h100(0), h100(1)];
+        let plan = plan_devices(DeviceChoice::Auto, || Ok(gpus.clone()), true).unwrap();
+        assert_eq!(plan, DevicePlan::Cuda(gpus.clone()));
+
+        let DevicePlan::Cpu { note: Some(note) } =
+            plan_devices(DeviceChoice::Auto, missing, true).unwrap()
+        else {
+            panic!("auto without CUDA must fall back to the CPU with a note");
+        };
+        assert!(note.contains("computing on the CPU"), "{note}");
+        assert!(note.contains("libcuda.so.1 not found"), "{note}");
+
+        let DevicePlan::Cpu { note: Some(note) } =
+            plan_devices(DeviceChoice::Auto, || Ok(gpus.clone()), false).unwrap()
+        else {
+            panic!("auto without a CUDA forward pass must fall back to the CPU");
+        };
+        assert!(note.contains("no CUDA forward pass"), "{note}");
+        assert!(note.contains("found 2 GPUs: cuda:0 NVIDIA H100"), "{note}");
+    }
+
+    #[test]
+    fn cuda_fails_with_the_reason() {
+        let e = plan_devices(DeviceChoice::Cuda, missing, true).unwrap_err();
+        assert!(
+            e.starts_with("--device cuda: cannot compute on CUDA: libcuda.so.1"),
+            "{e}"
+        );
+        let e =
+            plan_devices(DeviceChoice::Cuda, || Err(CudaUnavailable::NoDevices), true).unwrap_err();
+        assert!(e.contains("sees no GPU"), "{e}");
+        let e = plan_devices(DeviceChoice::Cuda, || Ok(vec![h100(0)]), false).unwrap_err();
+        assert!(
+            e.contains("no CUDA forward pass yet (found 1 GPU: cuda:0"),
+            "{e}"
+        );
+        let plan = plan_devices(DeviceChoice::Cuda, || Ok(vec![h100(0)]), true).unwrap();
+        assert_eq!(plan, DevicePlan::Cuda(vec![h100(0)]));
+    }
+
+    #[test]
+    fn this_machine_resolves_without_panicking() {
+        let (devices, note) = resolve_devices(DeviceChoice::Auto).unwrap();
+        assert_eq!(devices.len(), 1);
+        assert_eq!(devices[0].name(), "cpu");
+        // This build has no CUDA forward pass, so auto always says why it took the CPU.
+        assert!(note.is_some());
+        let e = resolve_devices(DeviceChoice::Cuda)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("cannot compute on CUDA"), "{e}");
+    }
 }

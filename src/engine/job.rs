@@ -969,11 +969,8 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
             public_key: spec.public_key.clone(),
             block_hash: spec.block_hash.clone(),
             block_height: a.block_height,
-            next_nonce: r
-                .nonces
-                .iter()
-                .max()
-                .map_or(0, |m| m.saturating_add(ctx.n_workers as u64)),
+            next_nonce: GenerateSchedule::next_nonce_after(&r.nonces, ctx.n_workers as u64)
+                .unwrap_or(0),
             nonces: r.nonces,
             valid_nonces: r.valid_nonces,
             valid_dist: r.valid_dist,

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod cache;
 pub mod device;
+pub mod groups;
 pub mod job;
 
 pub use device::{CpuDevice, Device};

@@ -7,26 +7,19 @@ use super::{
     METRICS_FILE, PLOT_FILE,
 };
 use crate::cli::serve::DeviceChoice;
-use crate::engine::{
-    CpuDevice, Device, Engine, EngineOptions, GenerateJob, Job, JobEvent, ModelSpec,
-};
+use crate::engine::{Engine, EngineOptions, GenerateJob, Job, JobEvent, ModelSpec};
 use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
 use crate::telemetry::{sku, system, GpuMonitor};
 use anyhow::Context;
 use serde_json::{json, Value};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The devices of `--device`.
-pub fn devices(choice: DeviceChoice) -> anyhow::Result<Vec<Arc<dyn Device>>> {
-    match choice {
-        DeviceChoice::Auto | DeviceChoice::Cpu => Ok(vec![Arc::new(CpuDevice::new())]),
-        DeviceChoice::Cuda => anyhow::bail!(
-            "--device cuda: this build has no CUDA backend yet; use --device cpu (or auto)"
-        ),
-    }
+/// The devices of `--device` and, when `auto` fell back to the CPU, why (see
+/// [`crate::cli::serve::resolve_devices`]).
+pub fn devices(choice: DeviceChoice) -> anyhow::Result<crate::cli::serve::ResolvedDevices> {
+    crate::cli::serve::resolve_devices(choice)
 }
 
 /// What one worker did in one configuration.
@@ -83,7 +76,10 @@ pub fn run(
     progress: &Progress,
     sampler: &GpuSampler,
 ) -> anyhow::Result<Value> {
-    let devs = devices(args.device)?;
+    let (devs, device_note) = devices(args.device)?;
+    if let Some(note) = &device_note {
+        progress.line(note);
+    }
     let started_unix = unix_seconds();
     let t_run = Instant::now();
     let flop = flop_per_nonce(params);
@@ -344,6 +340,7 @@ pub fn run(
         "r_target": args.r_target,
         "seconds_per_config": args.seconds.as_secs_f64(),
         "devices": devices,
+        "device_note": device_note,
         "peak_memory_note": "CPU: the process's peak resident memory so far (VmHWM), which only grows across configurations; GPU: the largest NVML memory-in-use sample during the configuration",
         "results": results,
         "best": best,

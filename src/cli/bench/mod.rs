@@ -135,6 +135,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
     );
     obj.insert("gpus".into(), serde_json::to_value(monitor.sample())?);
     obj.insert("nvml".into(), nvml);
+    obj.insert("cuda".into(), cuda_report());
     obj.insert("run_folder".into(), out.display().to_string().into());
     let text = serde_json::to_string_pretty(&report)?;
     std::fs::write(out.join(REPORT_FILE), text + "\n")
@@ -212,6 +213,26 @@ impl Progress {
         if !self.quiet {
             eprintln!("{s}");
         }
+    }
+}
+
+/// What CUDA discovery found on this machine (see [`crate::backend::cuda::cuda_available`]).
+fn cuda_report() -> Value {
+    use crate::backend::cuda;
+    let nvrtc = cuda::kernels::nvrtc_version().map(|(major, minor)| format!("{major}.{minor}"));
+    match cuda::cuda_available() {
+        Ok(gpus) => serde_json::json!({
+            "available": true,
+            "gpus": gpus,
+            "nvrtc_version": nvrtc,
+            "forward_pass": cuda::HAS_FORWARD,
+        }),
+        Err(why) => serde_json::json!({
+            "available": false,
+            "unavailable_reason": why.to_string(),
+            "nvrtc_version": nvrtc,
+            "forward_pass": cuda::HAS_FORWARD,
+        }),
     }
 }
 

@@ -1,0 +1,64 @@
+// Elementwise passes, each one thread per element in a grid-stride loop (any 1-D grid,
+// block 256):
+//   silu_mul_<dtype>(a, b, n):  a = round_T(round_T(a / (1 + exp(-a))) * b)  (f32 inside)
+//   add_<dtype>(x, y, n):       x = round_T(x + y)                          (residual add)
+//   from_f32_<dtype>(src, dst, n): dst = round_T(src)   (f32 values into the model dtype)
+//   to_f32_<dtype>(src, dst, n):   dst = src as f32     (exact)
+
+template <typename T>
+__device__ void silu_mul_impl(typename T::S* a, const typename T::S* b, i64 n) {
+    for (i64 i = global_index(); i < n; i += grid_threads()) {
+        const float x = T::load(a[i]);
+        const float s = round_to<T>(x / (1.0f + exp_f32(-x)));
+        a[i] = T::store(s * T::load(b[i]));
+    }
+}
+
+template <typename T>
+__device__ void add_impl(typename T::S* x, const typename T::S* y, i64 n) {
+    for (i64 i = global_index(); i < n; i += grid_threads()) {
+        x[i] = T::store(T::load(x[i]) + T::load(y[i]));
+    }
+}
+
+template <typename T>
+__device__ void from_f32_impl(const float* src, typename T::S* dst, i64 n) {
+    for (i64 i = global_index(); i < n; i += grid_threads()) {
+        dst[i] = T::store(src[i]);
+    }
+}
+
+template <typename T>
+__device__ void to_f32_impl(const typename T::S* src, float* dst, i64 n) {
+    for (i64 i = global_index(); i < n; i += grid_threads()) {
+        dst[i] = T::load(src[i]);
+    }
+}
+
+#define SILU_MUL_KERNEL(NAME, T)                                                         \
+    extern "C" __global__ void NAME(T::S* a, const T::S* b, i64 n) {                     \
+        silu_mul_impl<T>(a, b, n);                                                       \
+    }
+#define ADD_KERNEL(NAME, T)                                                              \
+    extern "C" __global__ void NAME(T::S* x, const T::S* y, i64 n) { add_impl<T>(x, y, n); }
+#define FROM_F32_KERNEL(NAME, T)                                                         \
+    extern "C" __global__ void NAME(const float* src, T::S* dst, i64 n) {                \
+        from_f32_impl<T>(src, dst, n);                                                   \
+    }
+#define TO_F32_KERNEL(NAME, T)                                                           \
+    extern "C" __global__ void NAME(const T::S* src, float* dst, i64 n) {                \
+        to_f32_impl<T>(src, dst, n);                                                     \
+    }
+
+SILU_MUL_KERNEL(silu_mul_f32, F32)
+SILU_MUL_KERNEL(silu_mul_f16, F16)
+SILU_MUL_KERNEL(silu_mul_bf16, BF16)
+ADD_KERNEL(add_f32, F32)
+ADD_KERNEL(add_f16, F16)
+ADD_KERNEL(add_bf16, BF16)
+FROM_F32_KERNEL(from_f32_f32, F32)
+FROM_F32_KERNEL(from_f32_f16, F16)
+FROM_F32_KERNEL(from_f32_bf16, BF16)
+TO_F32_KERNEL(to_f32_f32, F32)
+TO_F32_KERNEL(to_f32_f16, F16)
+TO_F32_KERNEL(to_f32_bf16, BF16)
