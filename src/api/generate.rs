@@ -50,9 +50,9 @@ pub fn job_for(req: &ProofRequest, max_duration: std::time::Duration) -> Job {
     })
 }
 
-/// One line of a /generate stream.
+/// The fields every batch result carries, on /generate lines and in /pooled results.
 #[derive(Debug, Serialize)]
-pub struct GenerateLine<'a> {
+pub struct BatchFields<'a> {
     pub worker_id: usize,
     pub public_key: &'a str,
     pub block_hash: &'a str,
@@ -66,6 +66,34 @@ pub struct GenerateLine<'a> {
     pub total_computed: u64,
     pub total_valid: u64,
     pub elapsed_seconds: u64,
+}
+
+impl<'a> BatchFields<'a> {
+    /// A batch's valid nonces and their distances, numbered `batch_number`.
+    pub fn of(b: &'a BatchReport, batch_number: u64) -> Self {
+        BatchFields {
+            worker_id: b.worker_id,
+            public_key: &b.public_key,
+            block_hash: &b.block_hash,
+            block_height: b.block_height,
+            nonces: &b.valid_nonces,
+            dist: &b.valid_dist,
+            node_id: b.worker_id,
+            batch_number,
+            batch_computed: b.batch_computed(),
+            batch_valid: b.batch_valid(),
+            total_computed: b.total_computed,
+            total_valid: b.total_valid,
+            elapsed_seconds: b.elapsed.as_secs(),
+        }
+    }
+}
+
+/// One line of a /generate stream: the batch's fields, then the stream's running totals.
+#[derive(Debug, Serialize)]
+pub struct GenerateLine<'a> {
+    #[serde(flatten)]
+    pub batch: BatchFields<'a>,
     pub next_nonce: u64,
     pub aggregated_batch_number: u64,
     pub aggregated_total_computed: u64,
@@ -176,20 +204,8 @@ pub async fn stream_generation(mut handle: JobHandle, sink: &LineSink) -> Genera
 
 fn line<'a>(b: &'a BatchReport, t: &GenerationTotals) -> GenerateLine<'a> {
     GenerateLine {
-        worker_id: b.worker_id,
-        public_key: &b.public_key,
-        block_hash: &b.block_hash,
-        block_height: b.block_height,
-        nonces: &b.valid_nonces,
-        dist: &b.valid_dist,
-        node_id: b.worker_id,
-        // As the reference streams it: the running count over all workers.
-        batch_number: t.batches,
-        batch_computed: b.batch_computed(),
-        batch_valid: b.batch_valid(),
-        total_computed: b.total_computed,
-        total_valid: b.total_valid,
-        elapsed_seconds: b.elapsed.as_secs(),
+        // As the reference streams it: batch_number is the running count over all workers.
+        batch: BatchFields::of(b, t.batches),
         next_nonce: b.next_nonce,
         aggregated_batch_number: t.batches,
         aggregated_total_computed: t.computed,

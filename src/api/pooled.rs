@@ -12,7 +12,7 @@
 
 use super::client::{self, CallError};
 use super::envelope::{bad_request, read_json, unwrap_envelope};
-use super::generate::{prefix16, ErrorLine, PREEMPTED};
+use super::generate::{prefix16, BatchFields, ErrorLine, PREEMPTED};
 use super::ndjson::{self, LineSink};
 use super::{logsafe::scrub, AppState};
 use crate::engine::{
@@ -22,7 +22,6 @@ use crate::pow::params::Params;
 use crate::pow::request::{parse_params, Fields};
 use crate::telemetry::Metrics;
 use actix_web::{web, HttpResponse};
-use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -263,40 +262,8 @@ impl WorkerConfig {
 }
 
 /// One result as posted to the orchestrator and streamed to the client.
-#[derive(Debug, Serialize)]
-pub struct PooledResult<'a> {
-    pub worker_id: usize,
-    pub public_key: &'a str,
-    pub block_hash: &'a str,
-    pub block_height: u64,
-    pub nonces: &'a [u64],
-    pub dist: &'a [f64],
-    pub node_id: usize,
-    pub batch_number: u64,
-    pub batch_computed: u64,
-    pub batch_valid: u64,
-    pub total_computed: u64,
-    pub total_valid: u64,
-    pub elapsed_seconds: u64,
-}
-
 pub fn result_value(b: &BatchReport) -> Value {
-    serde_json::to_value(PooledResult {
-        worker_id: b.worker_id,
-        public_key: &b.public_key,
-        block_hash: &b.block_hash,
-        block_height: b.block_height,
-        nonces: &b.valid_nonces,
-        dist: &b.valid_dist,
-        node_id: b.worker_id,
-        batch_number: b.batch_number,
-        batch_computed: b.batch_computed(),
-        batch_valid: b.batch_valid(),
-        total_computed: b.total_computed,
-        total_valid: b.total_valid,
-        elapsed_seconds: b.elapsed.as_secs(),
-    })
-    .unwrap_or(Value::Null)
+    serde_json::to_value(BatchFields::of(b, b.batch_number)).unwrap_or(Value::Null)
 }
 
 /// How a session ended.
