@@ -646,6 +646,15 @@ struct Totals {
     valid: u64,
 }
 
+impl Totals {
+    /// Count one more batch.
+    fn add(&mut self, r: &batch::BatchResult) {
+        self.batches += 1;
+        self.computed += r.nonces.len() as u64;
+        self.valid += r.valid_nonces.len() as u64;
+    }
+}
+
 fn run_job_holding_devices(
     inner: &Arc<Inner>,
     job: &Job,
@@ -832,6 +841,34 @@ struct WorkerCtx<'a> {
 }
 
 impl WorkerCtx<'_> {
+    /// The report of a computed batch, with the worker's running totals `t` (which count it).
+    fn report(
+        &self,
+        spec: &JobSpec,
+        block_height: u64,
+        r: batch::BatchResult,
+        t: &Totals,
+        compute_time: Duration,
+    ) -> BatchReport {
+        BatchReport {
+            worker_id: self.worker_id,
+            n_workers: self.n_workers,
+            public_key: spec.public_key.clone(),
+            block_hash: spec.block_hash.clone(),
+            block_height,
+            next_nonce: GenerateSchedule::next_nonce_after(&r.nonces, self.n_workers as u64)
+                .unwrap_or(0),
+            nonces: r.nonces,
+            valid_nonces: r.valid_nonces,
+            valid_dist: r.valid_dist,
+            batch_number: t.batches,
+            total_computed: t.computed,
+            total_valid: t.valid,
+            elapsed: self.started.elapsed(),
+            compute_time,
+        }
+    }
+
     /// Compute one batch and how long it took; None (after reporting) when the device failed.
     fn compute(&self, spec: &JobSpec, nonces: Vec<u64>) -> Option<(batch::BatchResult, Duration)> {
         let t0 = Instant::now();
@@ -885,26 +922,8 @@ fn generate_worker(ctx: &WorkerCtx<'_>, spec: JobSpec, job: &GenerateJob) -> Tot
         let Some((r, compute_time)) = ctx.compute(&spec, nonces) else {
             break;
         };
-        t.batches += 1;
-        t.computed += r.nonces.len() as u64;
-        t.valid += r.valid_nonces.len() as u64;
-        let report = BatchReport {
-            worker_id: ctx.worker_id,
-            n_workers: ctx.n_workers,
-            public_key: spec.public_key.clone(),
-            block_hash: spec.block_hash.clone(),
-            block_height: job.block_height,
-            next_nonce: GenerateSchedule::next_nonce_after(&r.nonces, ctx.n_workers as u64)
-                .unwrap_or(0),
-            nonces: r.nonces,
-            valid_nonces: r.valid_nonces,
-            valid_dist: r.valid_dist,
-            batch_number: t.batches,
-            total_computed: t.computed,
-            total_valid: t.valid,
-            elapsed: ctx.started.elapsed(),
-            compute_time,
-        };
+        t.add(&r);
+        let report = ctx.report(&spec, job.block_height, r, &t, compute_time);
         // A stopped /generate has no one to hand its last batch to: give up on a full queue.
         if !send(ctx.tx, JobEvent::Batch(report), ctx.control, true) {
             break;
@@ -957,29 +976,9 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
         let Some((r, compute_time)) = ctx.compute(spec, nonces) else {
             break;
         };
-        t.batches += 1;
-        t.computed += r.nonces.len() as u64;
-        t.valid += r.valid_nonces.len() as u64;
-        all.batches += 1;
-        all.computed += r.nonces.len() as u64;
-        all.valid += r.valid_nonces.len() as u64;
-        let report = BatchReport {
-            worker_id: ctx.worker_id,
-            n_workers: ctx.n_workers,
-            public_key: spec.public_key.clone(),
-            block_hash: spec.block_hash.clone(),
-            block_height: a.block_height,
-            next_nonce: GenerateSchedule::next_nonce_after(&r.nonces, ctx.n_workers as u64)
-                .unwrap_or(0),
-            nonces: r.nonces,
-            valid_nonces: r.valid_nonces,
-            valid_dist: r.valid_dist,
-            batch_number: t.batches,
-            total_computed: t.computed,
-            total_valid: t.valid,
-            elapsed: ctx.started.elapsed(),
-            compute_time,
-        };
+        t.add(&r);
+        all.add(&r);
+        let report = ctx.report(spec, a.block_height, r, &t, compute_time);
         // Range results must reach the orchestrator: wait for the reader even when stopping.
         if !send(ctx.tx, JobEvent::Batch(report), ctx.control, false) {
             break;
