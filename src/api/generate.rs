@@ -142,6 +142,17 @@ pub struct GenerationTotals {
     pub client_gone: bool,
 }
 
+/// The client went away: stop its job and remember why.
+fn stop_for_gone_client(handle: &JobHandle, t: &mut GenerationTotals) {
+    tracing::info!(
+        job = handle.id,
+        "client disconnected: stopping job {}",
+        handle.id
+    );
+    handle.control.stop(StopReason::ClientGone);
+    t.client_gone = true;
+}
+
 /// Write a generation job's events as lines until it ends or the client goes away.
 pub async fn stream_generation(mut handle: JobHandle, sink: &LineSink) -> GenerationTotals {
     let mut t = GenerationTotals::default();
@@ -152,13 +163,7 @@ pub async fn stream_generation(mut handle: JobHandle, sink: &LineSink) -> Genera
         };
         let Some(ev) = ev else {
             if sink.is_closed() {
-                tracing::info!(
-                    job = handle.id,
-                    "client disconnected: stopping job {}",
-                    handle.id
-                );
-                handle.control.stop(StopReason::ClientGone);
-                t.client_gone = true;
+                stop_for_gone_client(&handle, &mut t);
             }
             break;
         };
@@ -189,13 +194,7 @@ pub async fn stream_generation(mut handle: JobHandle, sink: &LineSink) -> Genera
             }
         };
         if !delivered {
-            tracing::info!(
-                job = handle.id,
-                "client disconnected: stopping job {}",
-                handle.id
-            );
-            handle.control.stop(StopReason::ClientGone);
-            t.client_gone = true;
+            stop_for_gone_client(&handle, &mut t);
             break;
         }
     }
