@@ -11,9 +11,18 @@
 // sits at position seq - q_rows_per_batch + r % q_rows_per_batch. Head h reads kv head
 // h / (n_heads / n_kv_heads). out has the layout of q.
 //
-// Launch: attention_<dtype>(q, k, v, out, seq, n_heads, n_kv_heads, head_dim,
-// q_rows_per_batch, scale); grid (batch * q_rows_per_batch, n_heads); block 128 (a multiple
-// of 32, at most 1024); dynamic shared memory seq * 4 bytes.
+// Two kernels compute exactly this, in the same order:
+// - attention_smem_<dtype>: the fast one. One block per (nonce, head, 32 query rows), four
+//   warps; the block first copies the keys and values its rows attend to into shared memory
+//   (coalesced), then each warp takes one query row at a time: lanes score positions, the
+//   warp reduces the max, lane 0 adds the exponentials in position order, lanes then own
+//   output dimensions. Launch: grid (batch * n_heads, ceil(q_rows_per_batch / 32)), block
+//   128, dynamic shared memory attention_smem_bytes(seq, head_dim, sizeof(T)) (the host
+//   raises the function's limit above 48 KiB when it needs to, and falls back to the other
+//   kernel when the device cannot give that much).
+// - attention_<dtype>: the fallback for any size. Launch: grid (batch * q_rows_per_batch,
+//   n_heads); block 128 (a multiple of 32, at most 1024); dynamic shared memory seq * 4
+//   bytes.
 
 #define ATT_MAX_WARPS 32
 
@@ -22,10 +31,10 @@ __device__ void attention_impl(const typename T::S* q, const typename T::S* k,
                                const typename T::S* v, typename T::S* out, int seq,
                                int n_heads, int n_kv_heads, int head_dim,
                                int q_rows_per_batch, float scale) {
-    extern __shared__ float scores[];
-    __shared__ float warp_max[ATT_MAX_WARPS];
-    __shared__ float shared_max;
-    __shared__ float shared_inv;
+    DYNAMIC_SHARED(float, scores);
+    SHARED_ARRAY(float, warp_max, ATT_MAX_WARPS);
+    SHARED_ARRAY(float, shared_max, 1);
+    SHARED_ARRAY(float, shared_inv, 1);
 
     const int r = blockIdx.x;
     const int h = blockIdx.y;
@@ -64,10 +73,10 @@ __device__ void attention_impl(const typename T::S* q, const typename T::S* k,
         for (int w = 0; w < n_warps; ++w) {
             m = fmaxf(m, warp_max[w]);
         }
-        shared_max = m;
+        shared_max[0] = m;
     }
     __syncthreads();
-    const float row_max = shared_max;
+    const float row_max = shared_max[0];
     for (int j = threadIdx.x; j <= i; j += blockDim.x) {
         scores[j] = exp_f32(scores[j] - row_max);
     }
@@ -77,10 +86,10 @@ __device__ void attention_impl(const typename T::S* q, const typename T::S* k,
         for (int j = 0; j <= i; ++j) {
             sum += scores[j];
         }
-        shared_inv = 1.0f / sum;
+        shared_inv[0] = 1.0f / sum;
     }
     __syncthreads();
-    const float inv = shared_inv;
+    const float inv = shared_inv[0];
     for (int j = threadIdx.x; j <= i; j += blockDim.x) {
         scores[j] = round_to<T>(scores[j] * inv);
     }
@@ -103,6 +112,117 @@ __device__ void attention_impl(const typename T::S* q, const typename T::S* k,
                           q_rows_per_batch, scale);                                      \
     }
 
+// Shared memory of attention_smem: keys and values (storage type, padded to 16 bytes), then
+// one query row and one row of scores per warp (f32). The host computes the same sum.
+#define ATT_SMEM_WARPS 4
+#define ATT_SMEM_ROWS 32
+
+template <typename T>
+__device__ void attention_smem_impl(const typename T::S* q, const typename T::S* k,
+                                    const typename T::S* v, typename T::S* out, int seq,
+                                    int n_heads, int n_kv_heads, int head_dim,
+                                    int q_rows_per_batch, float scale) {
+    DYNAMIC_SHARED(unsigned char, att_smem);
+    typedef typename T::S S;
+    const int b = blockIdx.x / n_heads;
+    const int h = blockIdx.x % n_heads;
+    const int row0 = blockIdx.y * ATT_SMEM_ROWS;
+    const int rows_left = q_rows_per_batch - row0;
+    const int rows_here = rows_left < ATT_SMEM_ROWS ? rows_left : ATT_SMEM_ROWS;
+    const int first_pos = seq - q_rows_per_batch;
+    // Positions 0 .. kv_len - 1 are all that the block's last row attends to.
+    const int kv_len = first_pos + row0 + rows_here;
+    const int rep = n_heads / n_kv_heads;
+    const int kv_off = (h / rep) * head_dim;
+    const i64 q_width = (i64)n_heads * head_dim;
+    const i64 kv_width = (i64)n_kv_heads * head_dim;
+    const i64 kv_base = (i64)b * seq;
+
+    const i64 kv_elems = (i64)seq * head_dim;
+    const i64 kv_bytes = ((2 * kv_elems * (i64)sizeof(S)) + 15) / 16 * 16;
+    S* ks = (S*)att_smem;
+    S* vs = ks + kv_elems;
+    float* qs = (float*)(att_smem + kv_bytes);
+    float* ss = qs + ATT_SMEM_WARPS * head_dim;
+
+    const i64 n_load = (i64)kv_len * head_dim;
+    for (i64 e = threadIdx.x; e < n_load; e += blockDim.x) {
+        const i64 j = e / head_dim;
+        const i64 t = e % head_dim;
+        const i64 src = (kv_base + j) * kv_width + kv_off + t;
+        ks[e] = k[src];
+        vs[e] = v[src];
+    }
+    __syncthreads();
+
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    float* qw = qs + warp * head_dim;
+    float* sw = ss + (i64)warp * seq;
+    for (int rr = warp; rr < rows_here; rr += ATT_SMEM_WARPS) {
+        const int qrow = row0 + rr;
+        const int i = first_pos + qrow;
+        const i64 r = (i64)b * q_rows_per_batch + qrow;
+        const S* qh = q + r * q_width + (i64)h * head_dim;
+        for (int t = lane; t < head_dim; t += 32) {
+            qw[t] = T::load(qh[t]);
+        }
+        __syncwarp();
+        float local_max = neg_inf();
+        for (int j = lane; j <= i; j += 32) {
+            const S* kr = ks + (i64)j * head_dim;
+            float acc = -0.0f;
+            for (int t = 0; t < head_dim; ++t) {
+                acc += qw[t] * T::load(kr[t]);
+            }
+            const float raw = round_to<T>(acc);
+            const float s = round_to<T>(raw / scale);
+            sw[j] = s;
+            local_max = fmaxf(local_max, s);
+        }
+        for (int off = 16; off > 0; off /= 2) {
+            local_max = fmaxf(local_max, __shfl_xor_sync(0xffffffffu, local_max, off));
+        }
+        for (int j = lane; j <= i; j += 32) {
+            sw[j] = exp_f32(sw[j] - local_max);
+        }
+        __syncwarp();
+        float inv = 0.0f;
+        if (lane == 0) {
+            float sum = 0.0f;
+            for (int j = 0; j <= i; ++j) {
+                sum += sw[j];
+            }
+            inv = 1.0f / sum;
+        }
+        inv = __shfl_sync(0xffffffffu, inv, 0);
+        for (int j = lane; j <= i; j += 32) {
+            sw[j] = round_to<T>(sw[j] * inv);
+        }
+        __syncwarp();
+        S* oh = out + r * q_width + (i64)h * head_dim;
+        for (int t = lane; t < head_dim; t += 32) {
+            float acc = 0.0f;
+            for (int j = 0; j <= i; ++j) {
+                acc += sw[j] * T::load(vs[(i64)j * head_dim + t]);
+            }
+            oh[t] = T::store(acc);
+        }
+        __syncwarp();
+    }
+}
+
+#define ATTENTION_SMEM_KERNEL(NAME, T)                                                   \
+    extern "C" __global__ void NAME(const T::S* q, const T::S* k, const T::S* v,         \
+                                    T::S* out, int seq, int n_heads, int n_kv_heads,     \
+                                    int head_dim, int q_rows_per_batch, float scale) {   \
+        attention_smem_impl<T>(q, k, v, out, seq, n_heads, n_kv_heads, head_dim,         \
+                               q_rows_per_batch, scale);                                 \
+    }
+
+ATTENTION_SMEM_KERNEL(attention_smem_f32, F32)
+ATTENTION_SMEM_KERNEL(attention_smem_f16, F16)
+ATTENTION_SMEM_KERNEL(attention_smem_bf16, BF16)
 ATTENTION_KERNEL(attention_f32, F32)
 ATTENTION_KERNEL(attention_f16, F16)
 ATTENTION_KERNEL(attention_bf16, BF16)

@@ -14,6 +14,26 @@
 typedef unsigned short u16;
 typedef long long i64;
 
+// Shared memory, declared through these so that the same source also runs in the host
+// emulator (tests/kernel_emulation/emulate.hpp, included before this file; NVRTC defines
+// __CUDACC_RTC__, the emulator does not):
+//   SHARED_ARRAY(type, name, n);  a block-wide array of n values (n = 1 for a scalar)
+//   DYNAMIC_SHARED(type, name);   `type* name` at the launch's dynamic shared memory,
+//                                 16-byte aligned
+// In the emulator the blocks of a launch run one at a time, so a function-local static is
+// shared by exactly the threads of one block.
+#ifdef __CUDACC_RTC__
+#define SHARED_ARRAY(type, name, n) __shared__ type name[n]
+#define DYNAMIC_SHARED(type, name)                                                       \
+    extern __shared__ __align__(16) unsigned char name##_bytes[];                        \
+    type* name = (type*)name##_bytes
+#else
+#define SHARED_ARRAY(type, name, n)                                                      \
+    static type name[n];                                                                 \
+    emu_fresh_shared(name, sizeof(name))
+#define DYNAMIC_SHARED(type, name) type* name = (type*)emu_dynamic_shared()
+#endif
+
 // f32 storage: rounding is the identity.
 struct F32 {
     typedef float S;
@@ -22,17 +42,26 @@ struct F32 {
 };
 
 // IEEE half precision, round to nearest even (the PTX conversion instructions).
+// The host emulator (tests/kernel_emulation) has no PTX: it converts in software, bit for bit.
 struct F16 {
     typedef u16 S;
     static __device__ __forceinline__ float load(S v) {
+#ifdef __CUDACC_RTC__
         float f;
         asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
         return f;
+#else
+        return emu_f16_to_f32(v);
+#endif
     }
     static __device__ __forceinline__ S store(float x) {
+#ifdef __CUDACC_RTC__
         u16 h;
         asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
         return h;
+#else
+        return emu_f32_to_f16(x);
+#endif
     }
 };
 

@@ -62,3 +62,27 @@ FROM_F32_KERNEL(from_f32_bf16, BF16)
 TO_F32_KERNEL(to_f32_f32, F32)
 TO_F32_KERNEL(to_f32_f16, F16)
 TO_F32_KERNEL(to_f32_bf16, BF16)
+
+// Rows out of a strided matrix: dst[r * width + c] = src[r * src_stride + c] for r < rows,
+// c < width (the last position of each nonce out of the residual: src_stride = seq * dim).
+// Launch: gather_rows_<dtype>(src, dst, rows, width, src_stride); grid-stride over
+// rows * width, block 256. src and dst must not overlap.
+template <typename T>
+__device__ void gather_rows_impl(const typename T::S* src, typename T::S* dst, i64 rows,
+                                 i64 width, i64 src_stride) {
+    const i64 n = rows * width;
+    for (i64 i = global_index(); i < n; i += grid_threads()) {
+        const i64 r = i / width;
+        dst[i] = src[r * src_stride + i % width];
+    }
+}
+
+#define GATHER_ROWS_KERNEL(NAME, T)                                                      \
+    extern "C" __global__ void NAME(const T::S* src, T::S* dst, i64 rows, i64 width,     \
+                                    i64 src_stride) {                                    \
+        gather_rows_impl<T>(src, dst, rows, width, src_stride);                          \
+    }
+
+GATHER_ROWS_KERNEL(gather_rows_f32, F32)
+GATHER_ROWS_KERNEL(gather_rows_f16, F16)
+GATHER_ROWS_KERNEL(gather_rows_bf16, BF16)

@@ -17,7 +17,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Compute the distances of `count` consecutive nonces on the CPU and print them as JSON.
+    /// Compute the distances of `count` consecutive nonces and print them as JSON.
     ///
     /// Input: one JSON object with block_hash, public_key, params, start_nonce, r_target
     /// (block_height, batch_size, count, dtype optional).
@@ -25,6 +25,10 @@ enum Command {
         /// Read the request from this file instead of standard input.
         #[arg(long)]
         request: Option<PathBuf>,
+        /// Where to compute: cpu (the reference-faithful CPU backend), cuda (the first GPU
+        /// group) or auto.
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: llama_pow::cli::serve::DeviceChoice,
     },
     /// Print the hashes of the pool, the parameters, the target, and the inputs and
     /// permutations of `count` nonces, to check an install against the reference.
@@ -45,9 +49,9 @@ enum Command {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Compute { request } => {
+        Command::Compute { request, device } => {
             let req = llama_pow::cli::read_request(request.as_deref())?;
-            let out = llama_pow::cli::compute::run(&req)?;
+            let out = llama_pow::cli::compute::run(&req, device)?;
             println!("{}", serde_json::to_string(&out)?);
         }
         Command::Facts { request, params } => {

@@ -169,3 +169,88 @@ fn facts_match_the_golden_hashes() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--param \"nope\": no such parameter"));
 }
+
+#[test]
+fn bench_reports_the_reference_the_ceiling_and_the_start() {
+    let dir = std::env::temp_dir().join(format!("llama-pow-cli-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let params = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.json");
+    let out = run(
+        &[
+            "bench",
+            "--params",
+            params,
+            "--device",
+            "cpu",
+            "--seconds",
+            "0.5",
+            "--batch-sizes",
+            "2",
+            "--json",
+            "--out",
+            dir.join("run").to_str().unwrap(),
+            "--reference-command",
+            r#"echo '{"nonces_per_second": 12.5}'"#,
+        ],
+        "",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reference = &v["reference"];
+    assert_eq!(reference["nonces_per_second"], 12.5);
+    assert_eq!(reference["raw"], json!({"nonces_per_second": 12.5}));
+    assert_eq!(reference["dtype"], "f16");
+    assert!(reference["ratio"].as_f64().unwrap() > 0.0, "{reference}");
+    assert_eq!(reference["goal_ratio"], 1.3);
+    // Computed on the CPU: no ceiling, and why.
+    assert!(
+        !v["ceiling"]["skipped"].as_str().unwrap().is_empty(),
+        "{}",
+        v["ceiling"]
+    );
+    let start = &v["start"]["f16"];
+    assert!(start["cold_seconds"].as_f64().unwrap() > 0.0, "{start}");
+    assert_eq!(start["goal_cold_seconds"], 5.0);
+    assert_eq!(start["goal_cached_seconds"], 0.5);
+    // One batch size: no configuration started from the cache.
+    assert!(start["cached_seconds"].is_null());
+
+    // A reference that prints no rate is reported, not fatal.
+    let dir = std::env::temp_dir().join(format!("llama-pow-cli-bench2-{}", std::process::id()));
+    let out = run(
+        &[
+            "bench",
+            "--params",
+            params,
+            "--device",
+            "cpu",
+            "--seconds",
+            "0.2",
+            "--batch-sizes",
+            "2",
+            "--json",
+            "--out",
+            dir.join("run").to_str().unwrap(),
+            "--reference-command",
+            "echo nothing useful",
+        ],
+        "",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["reference"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("not JSON"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("warning: --reference-command"));
+}

@@ -136,7 +136,8 @@ impl RopeTable {
 
     /// Rotate every head of every row of `xs` (`row_width = n_heads * head_dim` values per
     /// row) in place. Row `r` sits at position `first_pos + r % rows_per_batch`.
-    fn apply<R: Rounding>(
+    /// Public as a reference for the CUDA kernels (tests/kernel_emulation.rs).
+    pub fn apply<R: Rounding>(
         &self,
         xs: &mut [f32],
         row_width: usize,
@@ -318,7 +319,8 @@ fn sum_squares(x: &[f32]) -> f32 {
 
 /// RMSNorm of each `dim`-wide row of `x` into `out`: the mean of the squares is their f32
 /// sum (in the reference's order) divided by `dim` in f32.
-fn rmsnorm<R: Rounding>(x: &[f32], weight: &[f32], out: &mut [f32], dim: usize, eps: f32) {
+/// Public as a reference for the CUDA kernels (tests/kernel_emulation.rs).
+pub fn rmsnorm<R: Rounding>(x: &[f32], weight: &[f32], out: &mut [f32], dim: usize, eps: f32) {
     let rows_per_task = (ELEMWISE_CHUNK / dim).max(1);
     out.par_chunks_mut(dim * rows_per_task)
         .zip(x.par_chunks(dim * rows_per_task))
@@ -334,7 +336,8 @@ fn rmsnorm<R: Rounding>(x: &[f32], weight: &[f32], out: &mut [f32], dim: usize, 
 }
 
 /// `x = round_T(x + y)`.
-fn add_round<R: Rounding>(x: &mut [f32], y: &[f32]) {
+/// Public as a reference for the CUDA kernels (tests/kernel_emulation.rs).
+pub fn add_round<R: Rounding>(x: &mut [f32], y: &[f32]) {
     x.par_chunks_mut(ELEMWISE_CHUNK)
         .zip(y.par_chunks(ELEMWISE_CHUNK))
         .for_each(|(x, y)| {
@@ -345,7 +348,8 @@ fn add_round<R: Rounding>(x: &mut [f32], y: &[f32]) {
 }
 
 /// `a = round_T(round_T(silu(a)) * b)`, silu(a) = a / (1 + exp(-a)) in f32.
-fn silu_mul<R: Rounding>(a: &mut [f32], b: &[f32]) {
+/// Public as a reference for the CUDA kernels (tests/kernel_emulation.rs).
+pub fn silu_mul<R: Rounding>(a: &mut [f32], b: &[f32]) {
     a.par_chunks_mut(ELEMWISE_CHUNK)
         .zip(b.par_chunks(ELEMWISE_CHUNK))
         .for_each(|(a, b)| {
@@ -362,21 +366,27 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Shapes of one attention call.
+/// Public as a reference for the CUDA kernels (tests/kernel_emulation.rs).
 #[derive(Clone, Copy)]
-struct AttnShape {
-    seq: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
+pub struct AttnShape {
+    /// Positions per nonce (keys and values).
+    pub seq: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key / value heads (`n_heads` is a multiple).
+    pub n_kv_heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
     /// Query rows per nonce: `seq` (every position) or 1 (the last position only).
-    q_rows_per_batch: usize,
+    pub q_rows_per_batch: usize,
 }
 
 /// Causal attention. `q` holds `batch * q_rows_per_batch` rows of `n_heads * head_dim`
 /// (rotated), `k` and `v` hold `batch * seq` rows of `n_kv_heads * head_dim`; query row `r`
 /// of nonce `b` sits at position `seq - q_rows_per_batch + r % q_rows_per_batch`. Writes the
 /// heads concatenated, one row per query row, into `out`. Rows are independent tasks.
-fn attention<R: Rounding>(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], sh: AttnShape) {
+/// Public as a reference for the CUDA kernels (tests/kernel_emulation.rs).
+pub fn attention<R: Rounding>(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], sh: AttnShape) {
     let AttnShape {
         seq,
         n_heads,

@@ -1,15 +1,28 @@
-//! `llama-pow compute`: distances of `count` consecutive nonces on the CPU backend.
+//! `llama-pow compute`: distances of `count` consecutive nonces on the CPU backend, or on the
+//! first GPU group with `--device cuda` (the distances then come from the GPU's own tail: the
+//! way to compare a GPU against the reference nonce by nonce).
 
-use crate::backend::cpu::CpuBackend;
-use crate::backend::Backend;
+use super::serve::{resolve_devices, DeviceChoice};
 use crate::engine::batch::{self, BatchResult, JobSpec};
+use crate::engine::Device;
 use crate::pow::request::{ComputeRequest, DEFAULT_BATCH_SIZE};
+use std::sync::Arc;
 
-/// Compute every nonce of the request, in batches of its batch_size.
-pub fn run(req: &ComputeRequest) -> anyhow::Result<BatchResult> {
+/// Compute every nonce of the request on `device`, in batches of its batch_size.
+pub fn run(req: &ComputeRequest, device: DeviceChoice) -> anyhow::Result<BatchResult> {
     let p = &req.proof;
-    let backend = CpuBackend::new();
-    let model = backend.build_model(&p.block_hash, &p.params, req.dtype)?;
+    let (devices, note) = resolve_devices(device, &p.params)?;
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
+    run_on(req, &devices[0])
+}
+
+/// [`run`] on a given device.
+pub fn run_on(req: &ComputeRequest, device: &Arc<dyn Device>) -> anyhow::Result<BatchResult> {
+    let p = &req.proof;
+    device.check(&p.params, req.dtype)?;
+    let model = device.build(&p.block_hash, &p.params, req.dtype)?;
     let job = JobSpec::new(
         &p.block_hash,
         &p.public_key,
@@ -21,7 +34,8 @@ pub fn run(req: &ComputeRequest) -> anyhow::Result<BatchResult> {
     let nonces: Vec<u64> = req.nonces().collect();
     let mut out = BatchResult::empty();
     for chunk in nonces.chunks(batch_size) {
-        out.extend(batch::run(&backend, &model, &job, chunk.to_vec())?);
+        let prepared = batch::prepare(&job, chunk.to_vec());
+        out.extend(device.run_batch(&model, &job, prepared, true)?);
     }
     Ok(out)
 }

@@ -2,8 +2,11 @@
 
 use crate::api::{self, ServeConfig};
 use crate::backend::cuda::{self, CudaUnavailable, GpuInfo};
+use crate::engine::cuda_device::CudaDevice;
+use crate::engine::groups::{groups_for, GroupDevice, NotEnoughGPUResources};
 use crate::engine::{CpuDevice, Device, Engine, EngineOptions};
 use crate::pow::dtype::Dtype;
+use crate::pow::params::Params;
 use clap::{Args, ValueEnum};
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,6 +101,12 @@ pub struct ServeArgs {
     /// Built models kept across requests (each as large as the model).
     #[arg(long, env = "LLAMA_POW_MODEL_CACHE", default_value_t = 1)]
     pub model_cache: usize,
+    /// GPUs are grouped for the memory this preset needs (as the reference does): `v2`
+    /// (38 GiB per group; right for every params but PARAMS_V1) or `v1` (10 GiB per group:
+    /// more, smaller groups on GPUs under 38 GiB, for a fleet that only serves PARAMS_V1).
+    #[arg(long, env = "LLAMA_POW_GROUP_FOR", default_value = "v2",
+          value_parser = ["v1", "v2"])]
+    pub group_for: String,
     /// HTTP worker threads.
     #[arg(long, env = "LLAMA_POW_HTTP_WORKERS", default_value_t = 2,
           value_parser = clap::value_parser!(u64).range(1..=64))]
@@ -105,6 +114,13 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The params whose memory minimum forms the GPU groups (`--group-for`).
+    pub fn group_params(&self) -> anyhow::Result<Params> {
+        Params::preset(&self.group_for).ok_or_else(|| {
+            anyhow::anyhow!("--group-for: expected v1 or v2, got {}", self.group_for)
+        })
+    }
+
     pub fn config(&self) -> ServeConfig {
         ServeConfig {
             host: self.host.clone(),
@@ -128,7 +144,7 @@ impl ServeArgs {
     /// When `auto` falls back to the CPU, a warning saying why is logged (call after
     /// logging is set up).
     pub fn devices(&self) -> anyhow::Result<Vec<Arc<dyn Device>>> {
-        let (devices, note) = resolve_devices(self.device)?;
+        let (devices, note) = resolve_devices(self.device, &self.group_params()?)?;
         if let Some(note) = note {
             tracing::warn!("{note}");
         }
@@ -186,21 +202,62 @@ pub fn plan_devices(
 pub type ResolvedDevices = (Vec<Arc<dyn Device>>, Option<String>);
 
 /// The devices of `choice` on this machine: [`plan_devices`] with the machine's CUDA
-/// discovery.
-pub fn resolve_devices(choice: DeviceChoice) -> anyhow::Result<ResolvedDevices> {
-    match plan_devices(choice, cuda::cuda_available, cuda::HAS_FORWARD) {
-        Ok(DevicePlan::Cpu { note }) => Ok((vec![Arc::new(CpuDevice::new())], note)),
-        Ok(DevicePlan::Cuda(gpus)) => anyhow::bail!(
-            "--device {}: {} GPU(s) found, but no CUDA device can be driven by this build",
-            if choice == DeviceChoice::Cuda {
-                "cuda"
-            } else {
-                "auto"
-            },
-            gpus.len()
-        ),
-        Err(why) => Err(anyhow::anyhow!(why)),
+/// discovery, then the GPUs formed into groups as the reference does (for the minimum memory
+/// of `group_for`'s params: see [`crate::engine::groups`]), one worker per group, each group
+/// brought up (contexts, kernels compiled for its architecture, cuBLASLt).
+///
+/// `auto` falls back to the CPU, with a note saying why, when no group can be formed or a
+/// GPU cannot be brought up; `cuda` fails instead (no group at all is the reference's fatal
+/// NotEnoughGPUResources).
+pub fn resolve_devices(
+    choice: DeviceChoice,
+    group_for: &Params,
+) -> anyhow::Result<ResolvedDevices> {
+    let gpus = match plan_devices(choice, cuda::cuda_available, cuda::HAS_FORWARD) {
+        Ok(DevicePlan::Cpu { note }) => return Ok((vec![Arc::new(CpuDevice::new())], note)),
+        Ok(DevicePlan::Cuda(gpus)) => gpus,
+        Err(why) => return Err(anyhow::anyhow!(why)),
+    };
+    match cuda_devices(&gpus, group_for) {
+        Ok((devices, note)) => Ok((devices, note)),
+        Err(why) if choice == DeviceChoice::Cuda => Err(anyhow::anyhow!("--device cuda: {why}")),
+        Err(why) => Ok((
+            vec![Arc::new(CpuDevice::new())],
+            Some(format!(
+                "--device auto: computing on the CPU, not on CUDA: {why}"
+            )),
+        )),
     }
+}
+
+/// One [`CudaDevice`] per GPU group, and a note naming the GPUs no group could use.
+fn cuda_devices(gpus: &[GpuInfo], group_for: &Params) -> Result<ResolvedDevices, String> {
+    let seen: Vec<GroupDevice> = gpus.iter().map(GroupDevice::from).collect();
+    let grouping = groups_for(group_for, &seen)
+        .map_err(|e| format!("{}: {e}", NotEnoughGPUResources::ERROR_TYPE))?;
+    let mut devices: Vec<Arc<dyn Device>> = Vec::with_capacity(grouping.groups.len());
+    for group in &grouping.groups {
+        let infos: Vec<GpuInfo> = group
+            .ordinals
+            .iter()
+            .filter_map(|o| gpus.iter().find(|g| g.ordinal == *o).cloned())
+            .collect();
+        let device = CudaDevice::open(&infos)
+            .map_err(|e| format!("{} could not be brought up: {e}", group.name()))?;
+        devices.push(Arc::new(device));
+    }
+    let note = (!grouping.left_out.is_empty()).then(|| {
+        let names: Vec<String> = grouping
+            .left_out
+            .iter()
+            .map(|o| format!("cuda:{o}"))
+            .collect();
+        format!(
+            "{} left out: not enough memory to start a GPU group of their own",
+            names.join(", ")
+        )
+    });
+    Ok((devices, note))
 }
 
 /// Standard output for log events, each event scrubbed of the PyWorker's fatal markers
@@ -356,15 +413,33 @@ mod tests {
 
     #[test]
     fn this_machine_resolves_without_panicking() {
-        let (devices, note) = resolve_devices(DeviceChoice::Auto).unwrap();
-        assert_eq!(devices.len(), 1);
-        assert_eq!(devices[0].name(), "cpu");
-        // This build has no CUDA forward pass, so auto always says why it took the CPU.
-        assert!(note.is_some());
-        let e = resolve_devices(DeviceChoice::Cuda)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("cannot compute on CUDA"), "{e}");
+        let v2 = Params::v2();
+        let (devices, note) = resolve_devices(DeviceChoice::Auto, &v2).unwrap();
+        assert!(!devices.is_empty());
+        match cuda::cuda_available() {
+            Err(why) => {
+                // No usable GPU here: auto takes the CPU and says why; cuda refuses.
+                assert_eq!(devices.len(), 1);
+                assert_eq!(devices[0].name(), "cpu");
+                assert!(note.unwrap().contains(&why.to_string()));
+                let e = resolve_devices(DeviceChoice::Cuda, &v2)
+                    .err()
+                    .unwrap()
+                    .to_string();
+                assert!(e.contains("cannot compute on CUDA"), "{e}");
+            }
+            Ok(gpus) => {
+                eprintln!(
+                    "GPUs here: {} found, {} worker(s)",
+                    gpus.len(),
+                    devices.len()
+                );
+                assert!(
+                    devices[0].name().starts_with("cuda:"),
+                    "{}",
+                    devices[0].name()
+                );
+            }
+        }
     }
 }

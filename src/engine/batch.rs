@@ -1,5 +1,7 @@
 //! One batch of nonces through a backend: inputs and permutations drawn on all host threads,
-//! the forward pass on the device, distances and the r_target filter back on the host.
+//! the forward pass on the device, distances and the r_target filter back on the host (or, for
+//! a device that overrides [`Device::run_batch`](super::device::Device::run_batch), on the
+//! device).
 
 use crate::backend::{Backend, BackendError};
 use crate::pow::dtype::Dtype;
@@ -48,16 +50,46 @@ pub struct PreparedBatch {
     pub permutations: Vec<Vec<i64>>,
 }
 
-/// Every nonce's distance, and the proofs among them.
+/// The nonces of a batch, their distances, and the proofs among them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BatchResult {
+    /// Every nonce computed, in batch order.
     pub nonces: Vec<u64>,
+    /// Distances. When every distance was asked for ([`finish`], [`run`], or
+    /// [`Device::run_batch`](super::device::Device::run_batch) with `all_distances`), one per
+    /// entry of `nonces`, in the same order. Otherwise (what the engine's workers ask for)
+    /// only the proofs' distances: then `dist` equals `valid_dist` and lines up with
+    /// `valid_nonces`, not with `nonces`; [`BatchResult::has_all_distances`] tells which.
     pub dist: Vec<f64>,
+    /// The nonces strictly below r_target, in batch order, and their distances.
     pub valid_nonces: Vec<u64>,
     pub valid_dist: Vec<f64>,
 }
 
 impl BatchResult {
+    /// A result that carries only the proofs' distances (what a device that filters on
+    /// r_target itself hands back): `dist` is `valid_dist`.
+    pub fn from_valid(nonces: Vec<u64>, valid_nonces: Vec<u64>, valid_dist: Vec<f64>) -> Self {
+        debug_assert_eq!(valid_nonces.len(), valid_dist.len());
+        BatchResult {
+            nonces,
+            dist: valid_dist.clone(),
+            valid_nonces,
+            valid_dist,
+        }
+    }
+
+    /// Drop the distances of the nonces that are not proofs (see [`BatchResult::dist`]).
+    pub fn into_valid_only(mut self) -> Self {
+        self.dist.clone_from(&self.valid_dist);
+        self
+    }
+
+    /// Whether `dist` holds one distance per nonce (rather than only the proofs').
+    pub fn has_all_distances(&self) -> bool {
+        self.dist.len() == self.nonces.len()
+    }
+
     /// Keep the nonces strictly below r_target.
     pub fn from_distances(nonces: Vec<u64>, dist: Vec<f64>, r_target: f64) -> Self {
         let (valid_nonces, valid_dist) = nonces
@@ -74,7 +106,8 @@ impl BatchResult {
         }
     }
 
-    /// Append another batch's results.
+    /// Append another batch's results (both with all distances, or both without, for `dist`
+    /// to stay meaningful).
     pub fn extend(&mut self, other: BatchResult) {
         self.nonces.extend(other.nonces);
         self.dist.extend(other.dist);
@@ -133,4 +166,30 @@ pub fn run<B: Backend>(
     let batch = prepare(job, nonces);
     let logits = backend.forward_last_logits(model, &batch.inputs, batch.nonces.len())?;
     Ok(finish(job, batch, &logits))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_with_all_distances_or_only_the_proofs() {
+        let all = BatchResult::from_distances(vec![1, 2, 3, 4], vec![0.5, 2.0, 0.1, 1.0], 1.0);
+        assert_eq!(all.valid_nonces, [1, 3]);
+        assert_eq!(all.valid_dist, [0.5, 0.1]);
+        assert!(all.has_all_distances());
+        let valid = all.clone().into_valid_only();
+        assert_eq!(valid.nonces, all.nonces);
+        assert_eq!(valid.dist, [0.5, 0.1]);
+        assert!(!valid.has_all_distances());
+        assert_eq!(
+            BatchResult::from_valid(vec![1, 2, 3, 4], vec![1, 3], vec![0.5, 0.1]),
+            valid
+        );
+        let mut v = BatchResult::empty();
+        v.extend(valid.clone());
+        v.extend(valid);
+        assert_eq!(v.nonces.len(), 8);
+        assert_eq!(v.dist, v.valid_dist);
+    }
 }

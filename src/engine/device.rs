@@ -1,6 +1,7 @@
 //! A device as the engine sees it: one worker's compute unit (the whole CPU, or one GPU group
 //! later), with the model type erased so that one engine can drive any backend.
 
+use super::batch::{self, BatchResult, JobSpec, PreparedBatch};
 use crate::backend::cpu::{self, CpuBackend};
 use crate::backend::{Backend, BackendError};
 use crate::pow::dtype::Dtype;
@@ -38,6 +39,49 @@ pub trait Device: Send + Sync + 'static {
         inputs: &[f32],
         batch: usize,
     ) -> Result<Vec<f32>, BackendError>;
+
+    /// Forward a prepared batch and return its result (distances of the proofs, or of every
+    /// nonce when `all_distances`; see [`BatchResult::dist`]).
+    ///
+    /// The default runs [`Device::forward`] then [`batch::finish`] on the host; a GPU computes
+    /// the distances and the r_target filter on the device so that only (nonce, dist) pairs
+    /// come back. `job` is the spec the batch was prepared with (its block hash and public
+    /// key), or a later one that differs only in r_target.
+    fn run_batch(
+        &self,
+        model: &AnyModel,
+        job: &JobSpec,
+        batch: PreparedBatch,
+        all_distances: bool,
+    ) -> Result<BatchResult, BackendError> {
+        let logits = self.forward(model, &batch.inputs, batch.nonces.len())?;
+        let r = batch::finish(job, batch, &logits);
+        Ok(if all_distances {
+            r
+        } else {
+            r.into_valid_only()
+        })
+    }
+
+    /// Whether host-side preparation of the next batch should overlap this device's compute
+    /// (true for GPUs: the host is idle while the GPU works; false for the CPU, whose cores do
+    /// both).
+    fn overlaps_preparation(&self) -> bool {
+        false
+    }
+
+    /// Bytes of host memory one nonce of a batch takes (the engine's `max_batch_bytes`
+    /// divided by this caps a batch). The CPU computes in host memory: the whole forward
+    /// pass's activations ([`bytes_per_nonce`]).
+    fn bytes_per_nonce(&self, params: &Params) -> u64 {
+        bytes_per_nonce(params)
+    }
+
+    /// The largest batch this device can take for `params` with a built model (from free
+    /// device memory), None when unbounded or unknown.
+    fn max_batch(&self, _model: &AnyModel, _params: &Params) -> Option<usize> {
+        None
+    }
 }
 
 fn forward_with<B: Backend>(
@@ -156,5 +200,62 @@ mod tests {
         let wrong: AnyModel = Arc::new(3u8);
         assert!(d.forward(&wrong, &inputs, 2).is_err());
         assert!(bytes_per_nonce(&p) > 0);
+    }
+
+    fn tiny() -> Params {
+        Params {
+            dim: 32,
+            n_layers: 1,
+            n_heads: 2,
+            n_kv_heads: 2,
+            vocab_size: 40,
+            multiple_of: 32,
+            seq_len: 4,
+            ..Params::default()
+        }
+    }
+
+    #[test]
+    fn default_run_batch_is_forward_then_finish() {
+        let d = CpuDevice::new();
+        let p = tiny();
+        assert!(!d.overlaps_preparation());
+        let m = d.build("bh", &p, Dtype::F16).unwrap();
+        assert_eq!(d.max_batch(&m, &p), None);
+        let nonces: Vec<u64> = (10..26).collect();
+        // An r_target between the distances, so that some nonces are proofs and some not.
+        let mut job = JobSpec::new("bh", "pk", &p, Dtype::F16, f64::INFINITY);
+        let all = d
+            .run_batch(&m, &job, batch::prepare(&job, nonces.clone()), true)
+            .unwrap();
+        let mut sorted = all.dist.clone();
+        sorted.sort_by(f64::total_cmp);
+        job.r_target = sorted[nonces.len() / 2];
+
+        let prepared = batch::prepare(&job, nonces.clone());
+        let logits = d
+            .forward(&m, &prepared.inputs, prepared.nonces.len())
+            .unwrap();
+        let want = batch::finish(&job, prepared.clone(), &logits);
+        assert_eq!(want.nonces, nonces);
+        assert_eq!(want.dist, all.dist);
+        assert_eq!(want.valid_nonces.len(), nonces.len() / 2);
+        assert!(want.has_all_distances());
+
+        let got = d.run_batch(&m, &job, prepared.clone(), true).unwrap();
+        assert_eq!(got, want);
+
+        // Without all_distances: every nonce, only the proofs' distances.
+        let got = d.run_batch(&m, &job, prepared, false).unwrap();
+        assert_eq!(got.nonces, nonces);
+        assert_eq!(got.valid_nonces, want.valid_nonces);
+        assert_eq!(got.valid_dist, want.valid_dist);
+        assert_eq!(got.dist, want.valid_dist);
+        assert!(!got.has_all_distances());
+        assert!(got.valid_dist.iter().all(|&x| x < job.r_target));
+
+        let wrong: AnyModel = Arc::new(3u8);
+        let prepared = batch::prepare(&job, nonces);
+        assert!(d.run_batch(&wrong, &job, prepared, false).is_err());
     }
 }

@@ -10,9 +10,10 @@
 //! Nothing here knows about HTTP: callers read [`JobEvent`]s and steer a job through its
 //! [`JobControl`].
 
-use super::batch::{self, JobSpec};
+use super::batch::{self, BatchResult, JobSpec, PreparedBatch};
 use super::cache::{ModelCache, ModelKey};
 use super::device::{bytes_per_nonce, AnyModel, Device};
+use super::sizer::BatchSizer;
 use crate::backend::BackendError;
 use crate::pow::dtype::Dtype;
 use crate::pow::nonces::{GenerateSchedule, RangeSchedule};
@@ -232,7 +233,10 @@ pub struct BatchReport {
     pub elapsed: Duration,
     /// /generate: `max(nonces) + n_workers`.
     pub next_nonce: u64,
-    /// How long this batch took on its worker: inputs, forward pass and distances.
+    /// How long this batch took on its worker: inputs, forward pass and distances; for a
+    /// device that overlaps preparation ([`Device::overlaps_preparation`]), the device's time
+    /// ([`Device::run_batch`]) only, the inputs having been drawn while the batch before
+    /// computed.
     pub compute_time: Duration,
 }
 
@@ -452,8 +456,7 @@ impl Engine {
 
     /// The batch size a job of `params` asking for `requested` nonces per batch will use.
     pub fn effective_batch_size(&self, params: &Params, requested: u64) -> u64 {
-        let cap = (self.inner.opts.max_batch_bytes / bytes_per_nonce(params).max(1)).max(1);
-        requested.clamp(1, cap)
+        requested.clamp(1, batch_cap(&self.inner, params))
     }
 
     pub fn status(&self) -> EngineStatus {
@@ -648,7 +651,7 @@ struct Totals {
 
 impl Totals {
     /// Count one more batch.
-    fn add(&mut self, r: &batch::BatchResult) {
+    fn add(&mut self, r: &BatchResult) {
         self.batches += 1;
         self.computed += r.nonces.len() as u64;
         self.valid += r.valid_nonces.len() as u64;
@@ -720,7 +723,7 @@ fn run_job_holding_devices(
     let n = inner.devices.len();
     let batch_size = {
         let requested = job.batch_size();
-        let cap = (inner.opts.max_batch_bytes / bytes_per_nonce(&spec.params).max(1)).max(1);
+        let cap = batch_cap(inner, &spec.params);
         if requested > cap {
             tracing::info!("batch size {requested} cut to {cap} to fit in memory");
         }
@@ -805,6 +808,36 @@ fn models_for(inner: &Inner, spec: &ModelSpec) -> Result<(Vec<AnyModel>, bool), 
         return Ok((m, true));
     }
     lock(&inner.cache).make_room();
+    let models = match build_on_every_device(inner, spec) {
+        // Cached models of other block hashes still hold device memory (a GPU holds one
+        // PARAMS_V2 model, not two): drop them all and try once more.
+        Err(BackendError::OutOfMemory(why)) if !lock(&inner.cache).is_empty() => {
+            tracing::info!("out of memory building a model ({why}); evicting cached models");
+            lock(&inner.cache).clear();
+            build_on_every_device(inner, spec)?
+        }
+        other => other?,
+    };
+    lock(&inner.cache).insert(key, models.clone());
+    Ok((models, false))
+}
+
+/// The largest batch `max_batch_bytes` allows for `params` on the engine's hungriest device
+/// (what one nonce costs depends on the device: the whole forward pass in host memory on the
+/// CPU, only the inputs and permutations on a GPU).
+fn batch_cap(inner: &Inner, params: &Params) -> u64 {
+    let per = inner
+        .devices
+        .iter()
+        .map(|d| d.bytes_per_nonce(params))
+        .max()
+        .unwrap_or_else(|| bytes_per_nonce(params))
+        .max(1);
+    (inner.opts.max_batch_bytes / per).max(1)
+}
+
+/// Build `spec`'s model on every device at once.
+fn build_on_every_device(inner: &Inner, spec: &ModelSpec) -> Result<Vec<AnyModel>, BackendError> {
     let dtype = inner.opts.dtype;
     let built: Vec<Result<AnyModel, BackendError>> = thread::scope(|s| {
         let handles: Vec<_> = inner
@@ -820,9 +853,7 @@ fn models_for(inner: &Inner, spec: &ModelSpec) -> Result<(Vec<AnyModel>, bool), 
             })
             .collect()
     });
-    let models = built.into_iter().collect::<Result<Vec<_>, _>>()?;
-    lock(&inner.cache).insert(key, models.clone());
-    Ok((models, false))
+    built.into_iter().collect()
 }
 
 struct WorkerCtx<'a> {
@@ -832,6 +863,7 @@ struct WorkerCtx<'a> {
     model: AnyModel,
     control: &'a JobControl,
     tx: &'a mpsc::Sender<JobEvent>,
+    /// The request's batch size, cut to the engine's memory bound.
     batch_size: usize,
     started: Instant,
     inner: &'a Inner,
@@ -840,13 +872,72 @@ struct WorkerCtx<'a> {
     first_batch: &'a AtomicBool,
 }
 
+/// A batch prepared ahead, while the device computed the one before it.
+struct Ahead {
+    batch: PreparedBatch,
+    /// The size [`BatchSizer::next_size`] gave it.
+    size: usize,
+    /// The public key its inputs were drawn with.
+    public_key: String,
+    /// Range jobs: the assignment (and the range restart) it was drawn under.
+    epoch: u64,
+    restart_epoch: u64,
+}
+
+impl Ahead {
+    /// Bring a batch drawn under an older assignment up to the current one: keep it when only
+    /// r_target or the block height changed, draw its inputs again when the public key
+    /// changed (the same nonces: the range goes on, none may be lost), and drop it when the
+    /// range was restarted (its nonces belong to the old range).
+    fn carry_over(self, spec: &JobSpec, epoch: u64, restart_epoch: u64) -> Option<Ahead> {
+        if self.epoch == epoch {
+            return Some(self);
+        }
+        if self.restart_epoch != restart_epoch {
+            return None;
+        }
+        let batch = if self.public_key == spec.public_key {
+            self.batch
+        } else {
+            batch::prepare(spec, self.batch.nonces)
+        };
+        Some(Ahead {
+            batch,
+            size: self.size,
+            public_key: spec.public_key.clone(),
+            epoch,
+            restart_epoch,
+        })
+    }
+}
+
 impl WorkerCtx<'_> {
+    /// This worker's batch sizes for a job of `params`.
+    fn sizer(&self, params: &Params) -> BatchSizer {
+        let device_max = self.device.max_batch(&self.model, params);
+        let s = BatchSizer::new(
+            self.batch_size,
+            device_max,
+            self.device.overlaps_preparation(),
+        );
+        if s.cap() < self.batch_size {
+            tracing::info!(
+                worker = self.worker_id,
+                "batch size {} cut to {} to fit in the memory of {}",
+                self.batch_size,
+                s.cap(),
+                self.device.name()
+            );
+        }
+        s
+    }
+
     /// The report of a computed batch, with the worker's running totals `t` (which count it).
     fn report(
         &self,
         spec: &JobSpec,
         block_height: u64,
-        r: batch::BatchResult,
+        r: BatchResult,
         t: &Totals,
         compute_time: Duration,
     ) -> BatchReport {
@@ -869,24 +960,12 @@ impl WorkerCtx<'_> {
         }
     }
 
-    /// Compute one batch and how long it took; None (after reporting) when the device failed.
-    fn compute(&self, spec: &JobSpec, nonces: Vec<u64>) -> Option<(batch::BatchResult, Duration)> {
+    /// Run a prepared batch on the device (the proofs' distances only): the result and the
+    /// device time; None (after reporting) when the device failed.
+    fn run_on_device(&self, spec: &JobSpec, b: PreparedBatch) -> Option<(BatchResult, Duration)> {
         let t0 = Instant::now();
-        let prepared = batch::prepare(spec, nonces);
-        match self
-            .device
-            .forward(&self.model, &prepared.inputs, prepared.nonces.len())
-        {
-            Ok(logits) => {
-                let r = batch::finish(spec, prepared, &logits);
-                let took = t0.elapsed();
-                let m = &self.inner.metrics;
-                m.batch(r.nonces.len() as u64, r.valid_nonces.len() as u64, took);
-                if !self.first_batch.swap(true, Ordering::SeqCst) {
-                    m.first_batch(self.submitted.elapsed());
-                }
-                Some((r, took))
-            }
+        match self.device.run_batch(&self.model, spec, b, false) {
+            Ok(r) => Some((r, t0.elapsed())),
             Err(e) => {
                 let err = JobError::from_backend(&e);
                 self.inner.metrics.device_error(err.error_type);
@@ -905,21 +984,136 @@ impl WorkerCtx<'_> {
             }
         }
     }
+
+    /// Count a computed batch in the metrics, with the time it is reported with.
+    fn count(&self, r: &BatchResult, took: Duration) {
+        let m = &self.inner.metrics;
+        m.batch(r.nonces.len() as u64, r.valid_nonces.len() as u64, took);
+        if !self.first_batch.swap(true, Ordering::SeqCst) {
+            m.first_batch(self.submitted.elapsed());
+        }
+    }
+
+    /// Prepare and compute one batch of `size` (devices that do not overlap preparation): the
+    /// result and how long it took (inputs, forward pass and distances); None (after
+    /// reporting) when the device failed.
+    fn compute(
+        &self,
+        spec: &JobSpec,
+        nonces: Vec<u64>,
+        size: usize,
+        sizer: &mut BatchSizer,
+    ) -> Option<(BatchResult, Duration)> {
+        let t0 = Instant::now();
+        let prepared = batch::prepare(spec, nonces);
+        let (r, device_time) = self.run_on_device(spec, prepared)?;
+        let took = t0.elapsed();
+        sizer.record(size, r.nonces.len(), device_time);
+        self.count(&r, took);
+        Some((r, took))
+    }
+
+    /// Compute `cur` on the device (from this thread, the one that always drives it) while a
+    /// helper thread prepares `next` (when not empty) on the host's threads: the result and
+    /// the device time (None, after reporting, when the device failed), and the next batch.
+    fn compute_overlapped(
+        &self,
+        spec: &JobSpec,
+        cur: Ahead,
+        next: Vec<u64>,
+        sizer: &mut BatchSizer,
+    ) -> (Option<(BatchResult, Duration)>, Option<PreparedBatch>) {
+        let (done, next) = thread::scope(|s| {
+            let helper = if next.is_empty() {
+                None
+            } else {
+                // A copy of the nonces, so that none is lost if no thread can be started.
+                let nonces = next.clone();
+                match thread::Builder::new()
+                    .name(format!("prepare-{}", self.worker_id))
+                    .spawn_scoped(s, move || batch::prepare(spec, nonces))
+                {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        tracing::warn!(
+                            "cannot start a preparation thread, preparing after the batch: {e}"
+                        );
+                        None
+                    }
+                }
+            };
+            let done = self.run_on_device(spec, cur.batch);
+            let prepared = match helper {
+                Some(h) => Some(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+                None if next.is_empty() => None,
+                None => Some(batch::prepare(spec, next)),
+            };
+            (done, prepared)
+        });
+        let done = done.map(|(r, device_time)| {
+            sizer.record(cur.size, r.nonces.len(), device_time);
+            self.count(&r, device_time);
+            (r, device_time)
+        });
+        (done, next)
+    }
 }
 
 fn generate_worker(ctx: &WorkerCtx<'_>, spec: JobSpec, job: &GenerateJob) -> Totals {
     let mut sched =
         GenerateSchedule::new(job.start_nonce, ctx.worker_id as u64, ctx.n_workers as u64);
+    let mut sizer = ctx.sizer(&spec.params);
+    let overlap = ctx.device.overlaps_preparation();
+    let mut ahead: Option<Ahead> = None;
     let mut t = Totals::default();
     loop {
         if ctx.control.stopped().is_some() || ctx.started.elapsed() >= job.max_duration {
             break;
         }
-        let nonces = sched.next_batch(ctx.batch_size);
-        if nonces.is_empty() {
-            break;
-        }
-        let Some((r, compute_time)) = ctx.compute(&spec, nonces) else {
+        let computed = if overlap {
+            let cur = match ahead.take() {
+                Some(a) => a,
+                None => {
+                    let size = sizer.next_size();
+                    let nonces = sched.next_batch(size);
+                    if nonces.is_empty() {
+                        break;
+                    }
+                    Ahead {
+                        batch: batch::prepare(&spec, nonces),
+                        size,
+                        public_key: spec.public_key.clone(),
+                        epoch: 0,
+                        restart_epoch: 0,
+                    }
+                }
+            };
+            // The batch after this one, unless the time will be up: a batch prepared when the
+            // job stops is dropped (its nonces were never reported).
+            let (next, size) = if ctx.started.elapsed() < job.max_duration {
+                let size = sizer.next_size();
+                (sched.next_batch(size), size)
+            } else {
+                (Vec::new(), 0)
+            };
+            let (done, next) = ctx.compute_overlapped(&spec, cur, next, &mut sizer);
+            ahead = next.map(|b| Ahead {
+                batch: b,
+                size,
+                public_key: spec.public_key.clone(),
+                epoch: 0,
+                restart_epoch: 0,
+            });
+            done
+        } else {
+            let size = sizer.next_size();
+            let nonces = sched.next_batch(size);
+            if nonces.is_empty() {
+                break;
+            }
+            ctx.compute(&spec, nonces, size, &mut sizer)
+        };
+        let Some((r, compute_time)) = computed else {
             break;
         };
         t.add(&r);
@@ -933,10 +1127,14 @@ fn generate_worker(ctx: &WorkerCtx<'_>, spec: JobSpec, job: &GenerateJob) -> Tot
 }
 
 fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
+    let mut sizer = ctx.sizer(&base.params);
+    let overlap = ctx.device.overlaps_preparation();
     let mut seen_epoch = 0;
     let mut seen_restart = 0;
     let mut current: Option<(JobSpec, Arc<Assignment>)> = None;
     let mut sched: Option<RangeSchedule> = None;
+    // Devices that overlap preparation: the next batch, drawn under assignment `epoch`.
+    let mut ahead: Option<Ahead> = None;
     let mut t = Totals::default(); // since the last restart, as reported
     let mut all = Totals::default(); // over the whole job, for the log
     loop {
@@ -960,6 +1158,9 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
             }
             current = Some((spec, a));
         }
+        if let (Some(p), Some((spec, _))) = (ahead.take(), &current) {
+            ahead = p.carry_over(spec, seen_epoch, seen_restart);
+        }
         if ctx.control.is_paused() {
             thread::sleep(IDLE_POLL);
             continue;
@@ -968,12 +1169,50 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
             thread::sleep(IDLE_POLL);
             continue;
         };
-        let nonces = s.next_batch(ctx.batch_size);
-        if nonces.is_empty() {
-            thread::sleep(IDLE_POLL);
-            continue;
-        }
-        let Some((r, compute_time)) = ctx.compute(spec, nonces) else {
+        let computed = if overlap {
+            let cur = match ahead.take() {
+                Some(p) => p,
+                None => {
+                    let size = sizer.next_size();
+                    let nonces = s.next_batch(size);
+                    if nonces.is_empty() {
+                        thread::sleep(IDLE_POLL);
+                        continue;
+                    }
+                    Ahead {
+                        batch: batch::prepare(spec, nonces),
+                        size,
+                        public_key: spec.public_key.clone(),
+                        epoch: seen_epoch,
+                        restart_epoch: seen_restart,
+                    }
+                }
+            };
+            let (next, size) = if s.is_done() {
+                (Vec::new(), 0)
+            } else {
+                let size = sizer.next_size();
+                (s.next_batch(size), size)
+            };
+            let (done, next) = ctx.compute_overlapped(spec, cur, next, &mut sizer);
+            ahead = next.map(|b| Ahead {
+                batch: b,
+                size,
+                public_key: spec.public_key.clone(),
+                epoch: seen_epoch,
+                restart_epoch: seen_restart,
+            });
+            done
+        } else {
+            let size = sizer.next_size();
+            let nonces = s.next_batch(size);
+            if nonces.is_empty() {
+                thread::sleep(IDLE_POLL);
+                continue;
+            }
+            ctx.compute(spec, nonces, size, &mut sizer)
+        };
+        let Some((r, compute_time)) = computed else {
             break;
         };
         t.add(&r);
@@ -1035,6 +1274,84 @@ mod tests {
                 JobEvent::Finished(end) => return (out, end, cached),
             }
         }
+    }
+
+    /// A device that holds room for one model: building a second while another is alive
+    /// runs out of memory, as a GPU holding a PARAMS_V2 model does.
+    struct OneModelDevice {
+        cpu: CpuDevice,
+        live: Arc<std::sync::atomic::AtomicUsize>,
+        builds: std::sync::atomic::AtomicUsize,
+    }
+
+    /// A model that counts itself alive.
+    struct Counted {
+        inner: AnyModel,
+        live: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.live.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Device for OneModelDevice {
+        fn name(&self) -> String {
+            "one-model".into()
+        }
+        fn check(&self, p: &Params, d: Dtype) -> Result<(), BackendError> {
+            self.cpu.check(p, d)
+        }
+        fn build(&self, bh: &str, p: &Params, d: Dtype) -> Result<AnyModel, BackendError> {
+            self.builds.fetch_add(1, Ordering::SeqCst);
+            if self.live.load(Ordering::SeqCst) >= 1 {
+                return Err(BackendError::OutOfMemory("one model at a time".into()));
+            }
+            self.live.fetch_add(1, Ordering::SeqCst);
+            Ok(Arc::new(Counted {
+                inner: self.cpu.build(bh, p, d)?,
+                live: self.live.clone(),
+            }))
+        }
+        fn forward(
+            &self,
+            m: &AnyModel,
+            inputs: &[f32],
+            batch: usize,
+        ) -> Result<Vec<f32>, BackendError> {
+            let c = m.downcast_ref::<Counted>().expect("a counted model");
+            self.cpu.forward(&c.inner, inputs, batch)
+        }
+    }
+
+    #[test]
+    fn out_of_memory_while_building_evicts_the_cached_models_and_retries() {
+        let dev = Arc::new(OneModelDevice {
+            cpu: CpuDevice::new(),
+            live: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            builds: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let e = Engine::new(
+            vec![dev.clone()],
+            EngineOptions {
+                model_cache: 2,
+                ..EngineOptions::default()
+            },
+        );
+        let (batches, _, _) = drain(&mut e.submit(gen(0.05, 2)).unwrap());
+        assert!(!batches.is_empty());
+        let mut other = gen(0.05, 2);
+        if let Job::Generate(g) = &mut other {
+            g.model.block_hash = "another block".into();
+        }
+        // The first model is cached (capacity 2), so the second build fails once, the cache
+        // is emptied, and the retry succeeds.
+        let (batches, _, cached) = drain(&mut e.submit(other).unwrap());
+        assert!(!batches.is_empty());
+        assert!(!cached);
+        assert_eq!(dev.builds.load(Ordering::SeqCst), 3);
+        assert_eq!(dev.live.load(Ordering::SeqCst), 1);
     }
 
     #[test]
@@ -1184,6 +1501,369 @@ mod tests {
         }
         seen.sort_unstable();
         assert_eq!(seen, (50..=70).collect::<Vec<_>>());
+    }
+
+    /// A device that takes a fixed time per batch whatever its size, like a GPU far from
+    /// full, and logs when each batch ran.
+    struct FakeGpu {
+        compute: Duration,
+        overlap: bool,
+        max: Option<usize>,
+        /// Check that every batch's inputs are those of the spec it runs under.
+        check_inputs: bool,
+        mismatched: AtomicBool,
+        log: Mutex<Vec<Ran>>,
+    }
+
+    #[derive(Debug, Clone)]
+    struct Ran {
+        start: Instant,
+        end: Instant,
+        public_key: String,
+        nonces: Vec<u64>,
+    }
+
+    impl FakeGpu {
+        fn new(compute_ms: u64, overlap: bool) -> Arc<FakeGpu> {
+            Arc::new(FakeGpu {
+                compute: Duration::from_millis(compute_ms),
+                overlap,
+                max: None,
+                check_inputs: false,
+                mismatched: AtomicBool::new(false),
+                log: Mutex::new(Vec::new()),
+            })
+        }
+
+        fn engine(self: &Arc<Self>) -> Engine {
+            let d: Arc<dyn Device> = self.clone();
+            Engine::new(vec![d], EngineOptions::default())
+        }
+
+        fn log(&self) -> Vec<Ran> {
+            lock(&self.log).clone()
+        }
+
+        /// A nonce's distance: its last decimal digit.
+        fn dist(n: u64) -> f64 {
+            (n % 10) as f64
+        }
+    }
+
+    impl Device for FakeGpu {
+        fn name(&self) -> String {
+            "fake".into()
+        }
+        fn check(&self, _: &Params, _: Dtype) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn build(&self, _: &str, _: &Params, _: Dtype) -> Result<AnyModel, BackendError> {
+            Ok(Arc::new(()))
+        }
+        fn forward(&self, _: &AnyModel, _: &[f32], _: usize) -> Result<Vec<f32>, BackendError> {
+            Err(BackendError::Device("the engine calls run_batch".into()))
+        }
+        fn run_batch(
+            &self,
+            _: &AnyModel,
+            job: &JobSpec,
+            b: PreparedBatch,
+            all_distances: bool,
+        ) -> Result<BatchResult, BackendError> {
+            let start = Instant::now();
+            if self.check_inputs && batch::prepare(job, b.nonces.clone()).inputs != b.inputs {
+                self.mismatched.store(true, Ordering::SeqCst);
+            }
+            thread::sleep(self.compute);
+            let dist = b.nonces.iter().map(|&n| Self::dist(n)).collect();
+            let r = BatchResult::from_distances(b.nonces.clone(), dist, job.r_target);
+            lock(&self.log).push(Ran {
+                start,
+                end: Instant::now(),
+                public_key: job.public_key.clone(),
+                nonces: b.nonces,
+            });
+            Ok(if all_distances {
+                r
+            } else {
+                r.into_valid_only()
+            })
+        }
+        fn overlaps_preparation(&self) -> bool {
+            self.overlap
+        }
+        fn max_batch(&self, _: &AnyModel, _: &Params) -> Option<usize> {
+            self.max
+        }
+    }
+
+    /// Params whose inputs take a noticeable time to draw (the fake device builds nothing).
+    fn heavy() -> Params {
+        Params {
+            dim: 1024,
+            n_layers: 1,
+            n_heads: 8,
+            n_kv_heads: 8,
+            vocab_size: 8192,
+            multiple_of: 32,
+            seq_len: 128,
+            ..Params::default()
+        }
+    }
+
+    fn gen_with(params: Params, secs: f64, bs: u64, r_target: f64) -> Job {
+        let Job::Generate(mut g) = gen(secs, bs) else {
+            unreachable!()
+        };
+        g.model.params = params;
+        g.r_target = r_target;
+        Job::Generate(g)
+    }
+
+    /// The first `n` batches of a /generate job, then stop it.
+    fn first_batches(e: &Engine, job: Job, n: usize) -> Vec<BatchReport> {
+        let mut h = e.submit(job).unwrap();
+        let mut out = Vec::new();
+        while out.len() < n {
+            match h.events.blocking_recv().unwrap() {
+                JobEvent::Batch(b) => out.push(b),
+                JobEvent::Error(e) => panic!("{e:?}"),
+                JobEvent::Finished(end) => panic!("ended early: {end:?}"),
+                JobEvent::ModelReady { .. } => {}
+            }
+        }
+        h.control.stop(StopReason::Requested);
+        drain(&mut h);
+        out
+    }
+
+    /// Time between the end of each batch on the device and the start of the next.
+    fn gaps(log: &[Ran]) -> Vec<Duration> {
+        log.windows(2)
+            .map(|w| w[1].start.saturating_duration_since(w[0].end))
+            .collect()
+    }
+
+    fn median(mut v: Vec<Duration>) -> Duration {
+        v.sort();
+        v[v.len() / 2]
+    }
+
+    #[test]
+    fn overlapping_devices_get_their_next_batch_prepared_while_they_compute() {
+        const BATCH: u64 = 8;
+        const N: usize = 10;
+        let job = JobSpec::new("bh", "pk", &heavy(), Dtype::F16, 10.0);
+        // How long the host takes to prepare one batch, at best.
+        let prepare = (0..5)
+            .map(|i| {
+                let t0 = Instant::now();
+                batch::prepare(&job, (i * BATCH..(i + 1) * BATCH).collect());
+                t0.elapsed()
+            })
+            .min()
+            .unwrap();
+        // The device is busy longer than the host prepares, so that with overlap it never
+        // waits for inputs.
+        let compute_ms = (prepare.as_millis() as u64 * 4).max(30);
+
+        // Without overlap, the device waits for the host to prepare between its batches.
+        let d = FakeGpu::new(compute_ms, false);
+        let batches = first_batches(&d.engine(), gen_with(heavy(), 60.0, BATCH, 5.0), N);
+        let serial = gaps(&d.log()[..N]);
+        let prepare_in_job = median(serial.clone());
+        assert!(prepare_in_job >= prepare / 2, "{serial:?} vs {prepare:?}");
+        for (i, b) in batches.iter().enumerate() {
+            let first = 7 + i as u64 * BATCH;
+            assert_eq!(b.nonces, (first..first + BATCH).collect::<Vec<_>>());
+            // compute_time counts the preparation too.
+            assert!(b.compute_time >= Duration::from_millis(compute_ms) + prepare / 2);
+        }
+
+        // With overlap, batch N+1 is prepared while batch N computes: the device finds it
+        // ready when it is done with batch N.
+        let d = FakeGpu::new(compute_ms, true);
+        let batches = first_batches(&d.engine(), gen_with(heavy(), 60.0, BATCH, 5.0), N);
+        let log = d.log();
+        let overlapped = gaps(&log[..N]);
+        assert!(
+            median(overlapped.clone()) < prepare_in_job / 4,
+            "the device waited {overlapped:?} between batches, {serial:?} without overlap"
+        );
+        let (waited, serial_waited) = (
+            overlapped.iter().sum::<Duration>(),
+            serial.iter().sum::<Duration>(),
+        );
+        assert!(
+            waited < serial_waited / 3,
+            "{overlapped:?} vs {serial:?} without overlap"
+        );
+        // The schedule and the reports are those of a device that does not overlap.
+        for (i, b) in batches.iter().enumerate() {
+            let first = 7 + i as u64 * BATCH;
+            assert_eq!(b.nonces, (first..first + BATCH).collect::<Vec<_>>());
+            assert_eq!(b.batch_number, i as u64 + 1);
+            assert_eq!(b.next_nonce, first + BATCH);
+            let valid: Vec<u64> = b.nonces.iter().copied().filter(|&n| n % 10 < 5).collect();
+            assert_eq!(b.valid_nonces, valid);
+            assert_eq!(
+                b.valid_dist,
+                valid.iter().map(|&n| FakeGpu::dist(n)).collect::<Vec<_>>()
+            );
+            // compute_time is the device's time.
+            assert!(b.compute_time >= Duration::from_millis(compute_ms));
+            assert!(b.compute_time < log[i].end - log[i].start + prepare_in_job / 2);
+            assert_eq!(b.nonces, log[i].nonces);
+        }
+    }
+
+    #[test]
+    fn batch_sizes_ramp_on_overlapping_devices_and_respect_device_memory() {
+        // A device whose time does not grow with the batch: throughput doubles with the size,
+        // up to the request's 40.
+        let d = FakeGpu::new(30, true);
+        let sizes: Vec<usize> = first_batches(&d.engine(), gen(60.0, 40), 6)
+            .iter()
+            .map(|b| b.nonces.len())
+            .collect();
+        assert_eq!(sizes, [8, 16, 32, 40, 40, 40]);
+
+        // A device that takes at most 20 nonces, with and without overlap.
+        for overlap in [true, false] {
+            let d = Arc::new(FakeGpu {
+                max: Some(20),
+                ..Arc::into_inner(FakeGpu::new(30, overlap)).unwrap()
+            });
+            let batches = first_batches(&d.engine(), gen(60.0, 64), 4);
+            let sizes: Vec<usize> = batches.iter().map(|b| b.nonces.len()).collect();
+            let want: &[usize] = if overlap {
+                &[8, 16, 20, 20]
+            } else {
+                &[20, 20, 20, 20]
+            };
+            assert_eq!(sizes, want);
+            let all: Vec<u64> = batches.iter().flat_map(|b| b.nonces.clone()).collect();
+            assert_eq!(all, (7..7 + all.len() as u64).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn overlapping_range_jobs_cover_the_range_across_key_changes_and_restarts() {
+        let d = Arc::new(FakeGpu {
+            check_inputs: true,
+            ..Arc::into_inner(FakeGpu::new(2, true)).unwrap()
+        });
+        let e = d.engine();
+        let mut h = e
+            .submit(Job::Range(RangeJob {
+                model: ModelSpec {
+                    block_hash: "bh".into(),
+                    params: tiny(),
+                },
+                batch_size: 4,
+            }))
+            .unwrap();
+        let a = Assignment {
+            public_key: "k1".into(),
+            block_height: 9,
+            r_target: 5.0,
+            range_start: 0,
+            range_end: 99_999,
+        };
+        h.control.assign(a.clone(), true);
+        let mut got: Vec<BatchReport> = Vec::new();
+        let next_batch = |h: &mut JobHandle| loop {
+            match h.events.blocking_recv().unwrap() {
+                JobEvent::Batch(b) => return b,
+                JobEvent::ModelReady { .. } => {}
+                other => panic!("{other:?}"),
+            }
+        };
+        while got.len() < 10 {
+            got.push(next_batch(&mut h));
+        }
+        // A new key for the same range: the range goes on (the batch prepared ahead under k1
+        // is drawn again under k2).
+        h.control.assign(
+            Assignment {
+                public_key: "k2".into(),
+                r_target: 3.0,
+                ..a.clone()
+            },
+            false,
+        );
+        loop {
+            let b = next_batch(&mut h);
+            let k2 = b.public_key == "k2";
+            got.push(b);
+            if k2 {
+                break;
+            }
+        }
+        for _ in 0..5 {
+            got.push(next_batch(&mut h));
+        }
+        // A new range: it starts over (the batch prepared ahead in the old range is dropped).
+        h.control.assign(
+            Assignment {
+                public_key: "k3".into(),
+                range_start: 1_000_000,
+                range_end: 1_000_049,
+                ..a.clone()
+            },
+            true,
+        );
+        let mut k3 = Vec::new();
+        while k3.len() < 50 {
+            let b = next_batch(&mut h);
+            if b.public_key == "k3" {
+                k3.extend(b.nonces.iter().copied());
+            }
+            got.push(b);
+        }
+        h.control.stop(StopReason::Requested);
+        let (rest, end, _) = drain(&mut h);
+        assert!(rest.is_empty(), "{rest:?}");
+        assert_eq!(end, JobEnd::Stopped(StopReason::Requested));
+        assert!(!d.mismatched.load(Ordering::SeqCst));
+
+        // Keys in order, each batch with its key's r_target.
+        let keys: Vec<&str> = got.iter().map(|b| b.public_key.as_str()).collect();
+        let k1_end = keys.iter().position(|&k| k != "k1").unwrap();
+        let k2_end = keys.iter().position(|&k| k == "k3").unwrap();
+        assert!(k1_end >= 10 && k2_end > k1_end + 5, "{keys:?}");
+        assert!(keys[k1_end..k2_end].iter().all(|&k| k == "k2"), "{keys:?}");
+        assert!(keys[k2_end..].iter().all(|&k| k == "k3"), "{keys:?}");
+        for b in &got {
+            let r_target = if b.public_key == "k2" { 3.0 } else { 5.0 };
+            let valid: Vec<u64> = b
+                .nonces
+                .iter()
+                .copied()
+                .filter(|&n| FakeGpu::dist(n) < r_target)
+                .collect();
+            assert_eq!(b.valid_nonces, valid);
+        }
+        // The first range: a prefix, every nonce once, none lost at the key change.
+        let first: Vec<u64> = got[..k2_end]
+            .iter()
+            .flat_map(|b| b.nonces.iter().copied())
+            .collect();
+        assert_eq!(first, (0..first.len() as u64).collect::<Vec<_>>());
+        // The new range: every nonce once, and nothing of the old range under the new key.
+        assert_eq!(k3, (1_000_000..=1_000_049).collect::<Vec<_>>());
+        assert_eq!(got.last().unwrap().total_computed, 50);
+        // The device computed exactly what was reported.
+        let ran: Vec<(String, Vec<u64>)> = d
+            .log()
+            .into_iter()
+            .map(|r| (r.public_key, r.nonces))
+            .collect();
+        let reported: Vec<(String, Vec<u64>)> = got
+            .iter()
+            .map(|b| (b.public_key.clone(), b.nonces.clone()))
+            .collect();
+        assert_eq!(ran, reported);
     }
 
     #[test]

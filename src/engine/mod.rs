@@ -6,9 +6,11 @@ pub mod cache;
 pub mod device;
 pub mod groups;
 pub mod job;
+pub mod sizer;
 
 pub use device::{CpuDevice, Device};
 pub use job::{
     Assignment, BatchReport, Engine, EngineOptions, EngineStatus, GenerateJob, Job, JobControl,
     JobEnd, JobError, JobEvent, JobHandle, ModelSpec, RangeJob, StopReason, SubmitError,
 };
+pub mod cuda_device;

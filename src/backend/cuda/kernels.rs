@@ -100,12 +100,13 @@ impl Family {
     pub fn kernels(self) -> &'static [Kernel] {
         const RMSNORM: &[Kernel] = &[per_dtype("rmsnorm")];
         const ROPE: &[Kernel] = &[per_dtype("rope")];
-        const ATTENTION: &[Kernel] = &[per_dtype("attention")];
+        const ATTENTION: &[Kernel] = &[per_dtype("attention"), per_dtype("attention_smem")];
         const ELEMENTWISE: &[Kernel] = &[
             per_dtype("silu_mul"),
             per_dtype("add"),
             per_dtype("from_f32"),
             per_dtype("to_f32"),
+            per_dtype("gather_rows"),
         ];
         const WEIGHTS: &[Kernel] = &[per_dtype("fill_direct"), per_dtype("fill_tiled")];
         const TAIL: &[Kernel] = &[
@@ -545,5 +546,28 @@ mod tests {
         assert!(e.to_string().contains("libnvrtc.so.13"));
         assert!(KernelCache::new().cubins("sm_90").is_err());
         assert_eq!(nvrtc_version(), None);
+    }
+}
+
+#[cfg(test)]
+mod compile_tests {
+    //! NVRTC needs no GPU: where the library is present, every family must compile for the
+    //! architectures the server supports.
+    use super::*;
+
+    #[test]
+    fn every_family_compiles_where_nvrtc_is_present() {
+        if !CudaLibrary::Nvrtc.is_present() {
+            eprintln!("skipped: libnvrtc.so.13 is not on this machine's library path");
+            return;
+        }
+        for arch in ["sm_80", "sm_89", "sm_90", "sm_100"] {
+            for f in Family::ALL {
+                match compile_cubin(f, arch) {
+                    Ok(cubin) => assert!(cubin.len() > 1000, "{} {arch}", f.file()),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
     }
 }

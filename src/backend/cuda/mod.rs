@@ -6,18 +6,25 @@
 //! every library the backend needs is present before it calls into any of them, and catches
 //! a panic from a library that loads but lacks a symbol: discovery never panics.
 //!
-//! The CUDA forward pass itself (the [`crate::backend::Backend`] implementation) is not part
-//! of this build yet: [`HAS_FORWARD`] says so, and device selection (see
-//! [`crate::cli::serve::plan_devices`]) falls back to the CPU, or refuses `--device cuda`.
+//! The forward pass on a GPU group: [`gpu`] (a device brought up: context, stream, kernels,
+//! cuBLASLt; device buffers), [`launch`] (one launcher module per kernel family), [`gemm`]
+//! (the matrix products), [`model`] (weights built on the devices from the pool) and
+//! [`forward`] (the CPU backend's steps, queued on the GPU, and the tail). The engine drives
+//! it through [`crate::engine::cuda_device::CudaDevice`].
 
+pub mod forward;
+pub mod gemm;
+pub mod gpu;
 pub mod kernels;
+pub mod launch;
+pub mod model;
 
 use cudarc::driver::{result as drv, CudaContext};
 use serde::Serialize;
 
-/// Whether this build has a CUDA forward pass that the engine can drive. Discovery and the
-/// kernels exist; the [`crate::backend::Backend`] implementation does not yet.
-pub const HAS_FORWARD: bool = false;
+/// Whether this build has a CUDA forward pass that the engine can drive (device selection
+/// refuses CUDA in a build without one; see [`crate::cli::serve::plan_devices`]).
+pub const HAS_FORWARD: bool = true;
 
 /// One GPU as the driver reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -1,5 +1,8 @@
-//! Local sweeps: every (dtype, batch size) through the job engine for a fixed time.
+//! Local sweeps: every (dtype, batch size) through the job engine for a fixed time; then, on
+//! CUDA devices, each dtype's ceiling ([`super::ceiling`]), the start figures, and the
+//! reference's throughput when `--reference-command` is given (see the [`super`] docs).
 
+use super::ceiling;
 use super::plot::{self, LocalPoint};
 use super::stats::Percentiles;
 use super::{
@@ -13,13 +16,29 @@ use crate::pow::params::Params;
 use crate::telemetry::{sku, system, GpuMonitor};
 use anyhow::Context;
 use serde_json::{json, Value};
+use std::io::Read;
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The start a model's first batch should beat: built from scratch...
+pub const GOAL_COLD_SECONDS: f64 = 5.0;
+/// ...and taken from the cache.
+pub const GOAL_CACHED_SECONDS: f64 = 0.5;
+/// Our best rate over the reference's, as a goal.
+pub const GOAL_REFERENCE_RATIO: f64 = 1.3;
+/// The reference command's shortest time limit; longer sweeps give it 10 x `--seconds`.
+pub const REFERENCE_MIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The devices of `--device` and, when `auto` fell back to the CPU, why (see
 /// [`crate::cli::serve::resolve_devices`]).
-pub fn devices(choice: DeviceChoice) -> anyhow::Result<crate::cli::serve::ResolvedDevices> {
-    crate::cli::serve::resolve_devices(choice)
+pub fn devices(
+    choice: DeviceChoice,
+    params: &Params,
+) -> anyhow::Result<crate::cli::serve::ResolvedDevices> {
+    // GPUs grouped for the params being measured.
+    crate::cli::serve::resolve_devices(choice, params)
 }
 
 /// What one worker did in one configuration.
@@ -76,7 +95,7 @@ pub fn run(
     progress: &Progress,
     sampler: &GpuSampler,
 ) -> anyhow::Result<Value> {
-    let (devs, device_note) = devices(args.device)?;
+    let (devs, device_note) = devices(args.device, params)?;
     if let Some(note) = &device_note {
         progress.line(note);
     }
@@ -106,10 +125,18 @@ pub fn run(
         .collect();
     let bar = progress.bar(configs.len() as u64);
     let mut results = Vec::new();
+    // The largest batch each configuration forwarded (parallel to `results`).
+    let mut forward_batches: Vec<u64> = Vec::new();
+    let mut ceilings = serde_json::Map::new();
     let mut points = Vec::new();
     let mut device_names = Vec::new();
+    let say = |s: &str| match &bar {
+        Some(b) => b.println(s),
+        None => progress.line(s),
+    };
     for &dtype in &args.dtypes {
         let dtype = Dtype::from(dtype);
+        let dtype_first = results.len();
         let engine = Engine::new(
             devs.clone(),
             EngineOptions {
@@ -160,6 +187,7 @@ pub fn run(
                 .collect();
             let mut build = None;
             let mut first_batch = None;
+            let mut largest_batch = 0u64;
             let mut last_tick = Instant::now();
             while let Some(ev) = h.events.blocking_recv() {
                 match ev {
@@ -167,6 +195,7 @@ pub fn run(
                     JobEvent::Batch(b) => {
                         let t = submitted.elapsed().as_secs_f64();
                         first_batch.get_or_insert(t);
+                        largest_batch = largest_batch.max(b.batch_computed());
                         let lat = b.compute_time.as_secs_f64() * 1000.0;
                         let w = &mut workers[b.worker_id];
                         w.batches += 1;
@@ -283,6 +312,11 @@ pub fn run(
                     latency: l,
                 });
             }
+            forward_batches.push(if largest_batch > 0 {
+                largest_batch
+            } else {
+                effective
+            });
             results.push(json!({
                 "dtype": dtype.as_str(),
                 "batch_size": bs,
@@ -301,25 +335,71 @@ pub fn run(
                 "per_worker": per_worker,
             }));
         }
+        // The ceiling, on the GPUs just swept, once the engine and its models are gone.
+        engine.clear_cache();
+        drop(engine);
+        let ordinals = ceiling::gpu_ordinals(&device_names);
+        if let (false, Some(i)) = (ordinals.is_empty(), best_index(&results[dtype_first..])) {
+            let r = &results[dtype_first + i];
+            let bs = r["batch_size"].as_u64().unwrap_or(1);
+            let forward_batch = forward_batches[dtype_first + i].max(1) as usize;
+            let nps = r["nonces_per_second"].as_f64().unwrap_or(0.0);
+            let forward_seconds = r["batch_latency_ms"]["p50"].as_f64().map(|ms| ms / 1e3);
+            if let Some(b) = &bar {
+                b.set_message(format!("{dtype}: measuring the ceiling"));
+            }
+            say(&format!(
+                "{dtype} ceiling: timing cuBLASLt on the forward's products for a batch of \
+                 {forward_batch} on cuda:{}",
+                ordinals[0]
+            ));
+            let c = ceiling::report(
+                params,
+                dtype,
+                bs,
+                forward_batch,
+                nps,
+                forward_seconds,
+                &ordinals,
+            );
+            match (c["error"].as_str(), c["fraction_of_ceiling"].as_f64()) {
+                (Some(e), _) => say(&format!("warning: {dtype} ceiling: {e}")),
+                (None, Some(f)) => say(&format!(
+                    "{dtype} ceiling: {:.1} TFLOP/s, {:.1} nonces/s per GPU; batch {bs} \
+                     reached {:.1}% of it (goal {:.0}%)",
+                    c["ceiling_tflops"].as_f64().unwrap_or(f64::NAN),
+                    c["ceiling_nonces_per_second"].as_f64().unwrap_or(f64::NAN),
+                    f * 100.0,
+                    ceiling::GOAL_FRACTION_OF_CEILING * 100.0
+                )),
+                (None, None) => say(&format!("{dtype} ceiling: no throughput measured")),
+            }
+            ceilings.insert(dtype.as_str().to_owned(), c);
+        }
     }
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    let ceiling_report = if ceilings.is_empty() {
+        json!({"skipped": ceiling_skipped_reason(device_note.as_deref())})
+    } else {
+        Value::Object(ceilings)
+    };
+    let dtypes: Vec<Dtype> = args.dtypes.iter().map(|&d| Dtype::from(d)).collect();
+    let start = start_figures(&results, &dtypes);
     csv.flush()?;
     let shown = Path::new(params_source)
         .file_name()
         .map_or(params_source.into(), |f| f.to_string_lossy());
     let title = format!("llama-pow bench: {} on {}", shown, device_names.join(","));
     plot::local(&out.join(PLOT_FILE), &title, &points)?;
-    let best = results
-        .iter()
-        .max_by(|a, b| {
-            a["nonces_per_second"]
-                .as_f64()
-                .unwrap_or(0.0)
-                .total_cmp(&b["nonces_per_second"].as_f64().unwrap_or(0.0))
-        })
+    let best = best_index(&results)
+        .map(|i| &results[i])
         .map(|r| json!({"dtype": r["dtype"], "batch_size": r["batch_size"], "nonces_per_second": r["nonces_per_second"]}));
+    let reference = args
+        .reference_command
+        .as_deref()
+        .map(|cmd| reference(args, params, cmd, &results, progress));
     let devices: Vec<Value> = device_names
         .iter()
         .map(|d| {
@@ -344,6 +424,386 @@ pub fn run(
         "peak_memory_note": "CPU: the process's peak resident memory so far (VmHWM), which only grows across configurations; GPU: the largest NVML memory-in-use sample during the configuration",
         "results": results,
         "best": best,
+        "start": start,
+        "ceiling": ceiling_report,
+        "reference": reference,
         "files": [super::REPORT_FILE, METRICS_FILE, super::GPU_FILE, PLOT_FILE],
     }))
+}
+
+/// The configuration with the most nonces per second, if any.
+fn best_index(results: &[Value]) -> Option<usize> {
+    let rate = |r: &Value| r["nonces_per_second"].as_f64().unwrap_or(0.0);
+    (0..results.len()).max_by(|&a, &b| rate(&results[a]).total_cmp(&rate(&results[b])))
+}
+
+/// Why there is no ceiling: CUDA's own reason when it is unavailable, else why the sweep ran
+/// on the CPU.
+fn ceiling_skipped_reason(device_note: Option<&str>) -> String {
+    match crate::backend::cuda::cuda_available() {
+        Err(why) => why.to_string(),
+        Ok(_) => device_note.map_or_else(
+            || "the sweep ran on the CPU (--device cpu)".to_owned(),
+            str::to_owned,
+        ),
+    }
+}
+
+/// `report["start"]`: per dtype, the first batch's time after a cold build and after a
+/// cached model, from the sweep's results (in their order).
+pub fn start_figures(results: &[Value], dtypes: &[Dtype]) -> Value {
+    let mut out = serde_json::Map::new();
+    for dtype in dtypes {
+        if out.contains_key(dtype.as_str()) {
+            continue;
+        }
+        let of: Vec<&Value> = results
+            .iter()
+            .filter(|r| r["dtype"] == dtype.as_str())
+            .collect();
+        let cold_at = of.iter().position(|r| r["model_cached"] == false);
+        let cold = cold_at.map(|i| of[i]);
+        let cached = cold_at.and_then(|i| of[i + 1..].iter().find(|r| r["model_cached"] == true));
+        let first = |r: Option<&&Value>| r.and_then(|r| r["time_to_first_batch_seconds"].as_f64());
+        let cold_s = first(cold.as_ref());
+        let cached_s = first(cached);
+        let mut v = json!({
+            "cold_seconds": cold_s,
+            "cold_batch_size": cold.map(|r| r["batch_size"].clone()),
+            "cold_model_build_seconds": cold.map(|r| r["model_build_seconds"].clone()),
+            "cached_seconds": cached_s,
+            "cached_batch_size": cached.map(|r| r["batch_size"].clone()),
+            "goal_cold_seconds": GOAL_COLD_SECONDS,
+            "goal_cached_seconds": GOAL_CACHED_SECONDS,
+            "cold_meets_goal": cold_s.map(|s| s <= GOAL_COLD_SECONDS),
+            "cached_meets_goal": cached_s.map(|s| s <= GOAL_CACHED_SECONDS),
+        });
+        if cached.is_none() {
+            v["cached_note"] = "no configuration after the first took its model from the cache: \
+                                sweep two batch sizes or more"
+                .into();
+        }
+        out.insert(dtype.as_str().to_owned(), v);
+    }
+    Value::Object(out)
+}
+
+/// `report["reference"]`: runs the reference command and compares our best rate (the first
+/// dtype, whole machine) with its own; a failure is reported, with a warning, not raised.
+fn reference(
+    args: &BenchArgs,
+    params: &Params,
+    command: &str,
+    results: &[Value],
+    progress: &Progress,
+) -> Value {
+    let dtype = Dtype::from(args.dtypes[0]);
+    let timeout = REFERENCE_MIN_TIMEOUT.max(args.seconds.saturating_mul(10));
+    let batch_sizes: Vec<String> = args.batch_sizes.iter().map(u64::to_string).collect();
+    let env = [
+        (
+            "LLAMA_POW_BENCH_PARAMS",
+            serde_json::to_string(params).unwrap_or_default(),
+        ),
+        ("LLAMA_POW_BENCH_DTYPE", dtype.as_str().to_owned()),
+        (
+            "LLAMA_POW_BENCH_SECONDS",
+            args.seconds.as_secs_f64().to_string(),
+        ),
+        ("LLAMA_POW_BENCH_BLOCK_HASH", args.block_hash.clone()),
+        ("LLAMA_POW_BENCH_BATCH_SIZES", batch_sizes.join(",")),
+        ("LLAMA_POW_BENCH_R_TARGET", args.r_target.to_string()),
+    ];
+    progress.line(&format!(
+        "reference: running `{command}` (time limit {} s)",
+        timeout.as_secs()
+    ));
+    let started = Instant::now();
+    let outcome =
+        run_reference(command, &env, timeout).and_then(|stdout| parse_reference_output(&stdout));
+    let seconds = started.elapsed().as_secs_f64();
+    let (theirs, raw) = match outcome {
+        Ok(x) => x,
+        Err(error) => {
+            eprintln!("warning: --reference-command: {error}");
+            return json!({
+                "command": command,
+                "error": error,
+                "timeout_seconds": timeout.as_secs_f64(),
+            });
+        }
+    };
+    let ours = results
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r["dtype"] == dtype.as_str())
+        .map(|(i, _)| i)
+        .max_by(|&a, &b| {
+            let rate = |i: usize| results[i]["nonces_per_second"].as_f64().unwrap_or(0.0);
+            rate(a).total_cmp(&rate(b))
+        })
+        .map(|i| &results[i]);
+    let ours_rate = ours.and_then(|r| r["nonces_per_second"].as_f64());
+    let ratio = ours_rate.map(|o| o / theirs);
+    progress.line(&format!(
+        "reference: {theirs:.1} nonces/s; ours {:.1} nonces/s, ratio {:.2} (goal {GOAL_REFERENCE_RATIO})",
+        ours_rate.unwrap_or(f64::NAN),
+        ratio.unwrap_or(f64::NAN)
+    ));
+    json!({
+        "command": command,
+        "dtype": dtype.as_str(),
+        "nonces_per_second": theirs,
+        "ours_nonces_per_second": ours_rate,
+        "ours_batch_size": ours.map(|r| r["batch_size"].clone()),
+        "ratio": ratio,
+        "goal_ratio": GOAL_REFERENCE_RATIO,
+        "meets_goal": ratio.map(|r| r >= GOAL_REFERENCE_RATIO),
+        "seconds": seconds,
+        "timeout_seconds": timeout.as_secs_f64(),
+        "raw": raw,
+    })
+}
+
+/// The most of a stream kept (its end); a reference prints a line or a few.
+const OUTPUT_KEEP_BYTES: usize = 4 << 20;
+/// How long the output may stay open after the shell exited (a background process of the
+/// command's holding it), before the command's processes are killed.
+const OUTPUT_GRACE: Duration = Duration::from_secs(5);
+
+/// A stream read to its end on a thread, keeping its last [`OUTPUT_KEEP_BYTES`].
+struct Drain {
+    buf: Arc<Mutex<(Vec<u8>, bool)>>,
+}
+
+impl Drain {
+    fn start(mut r: impl Read + Send + 'static) -> Self {
+        let buf = Arc::new(Mutex::new((Vec::new(), false)));
+        let shared = buf.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            loop {
+                let n = r.read(&mut chunk).unwrap_or(0);
+                let mut b = shared.lock().unwrap_or_else(|e| e.into_inner());
+                if n == 0 {
+                    b.1 = true;
+                    return;
+                }
+                b.0.extend_from_slice(&chunk[..n]);
+                if b.0.len() > OUTPUT_KEEP_BYTES {
+                    let cut = b.0.len() - OUTPUT_KEEP_BYTES;
+                    b.0.drain(..cut);
+                }
+            }
+        });
+        Drain { buf }
+    }
+
+    fn done(&self) -> bool {
+        self.buf.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf.lock().unwrap_or_else(|e| e.into_inner()).0).into_owned()
+    }
+}
+
+/// Kills the command's processes: the shell leads its own process group, so the group's id
+/// is the shell's PID.
+fn kill_command(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-9", "--", &format!("-{}", child.id())])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The last few hundred characters of a text, for an error message.
+fn tail(s: &str, chars: usize) -> String {
+    let t = s.trim();
+    let n = t.chars().count();
+    if n <= chars {
+        t.to_owned()
+    } else {
+        let rest: String = t.chars().skip(n - chars).collect();
+        format!("...{rest}")
+    }
+}
+
+/// Runs `command` with `sh -c` (in its own process group, standard input empty) and returns
+/// its standard output; an error when it cannot start, exits unsuccessfully or outlives
+/// `timeout` (then it is killed).
+pub fn run_reference(
+    command: &str,
+    env: &[(&str, String)],
+    timeout: Duration,
+) -> Result<String, String> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start sh: {e}"))?;
+    let stdout = Drain::start(child.stdout.take().expect("piped"));
+    let stderr = Drain::start(child.stderr.take().expect("piped"));
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() >= timeout => {
+                kill_command(&mut child);
+                return Err(format!(
+                    "timed out after {} s and was killed; standard error: {:?}",
+                    timeout.as_secs(),
+                    tail(&stderr.text(), 500)
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => {
+                kill_command(&mut child);
+                return Err(format!("cannot wait for it: {e}"));
+            }
+        }
+    };
+    let exited = Instant::now();
+    while !(stdout.done() && stderr.done()) {
+        if exited.elapsed() >= OUTPUT_GRACE {
+            // Something it left running holds the output open.
+            kill_command(&mut child);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !status.success() {
+        return Err(format!(
+            "exited with {status}; standard error: {:?}",
+            tail(&stderr.text(), 500)
+        ));
+    }
+    Ok(stdout.text())
+}
+
+/// The reference's rate from its standard output: the last non-empty line, a JSON object
+/// whose "nonces_per_second" is a positive number; the object is returned too.
+pub fn parse_reference_output(stdout: &str) -> Result<(f64, Value), String> {
+    let line = stdout
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .ok_or_else(|| {
+            "printed nothing on standard output; expected a JSON object with \
+             \"nonces_per_second\" on its last line"
+                .to_owned()
+        })?;
+    let v: Value = serde_json::from_str(line)
+        .map_err(|e| format!("its last line is not JSON ({e}): {:?}", tail(line, 200)))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| format!("its last line is not a JSON object: {}", tail(line, 200)))?;
+    let rate = obj.get("nonces_per_second").ok_or_else(|| {
+        format!(
+            "its last line has no \"nonces_per_second\": {}",
+            tail(line, 200)
+        )
+    })?;
+    match rate.as_f64() {
+        Some(x) if x.is_finite() && x > 0.0 => Ok((x, v)),
+        Some(x) => Err(format!("\"nonces_per_second\" must be positive, not {x}")),
+        None => Err(format!("\"nonces_per_second\" is not a number: {rate}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reference_rate_is_the_last_json_line() {
+        let (x, raw) = parse_reference_output(
+            "warming up\n{\"x\": 1}\n{\"nonces_per_second\": 12.5, \"gpu\": \"h100\"}\n\n",
+        )
+        .unwrap();
+        assert_eq!(x, 12.5);
+        assert_eq!(raw["gpu"], "h100");
+        assert_eq!(
+            parse_reference_output("{\"nonces_per_second\": 3}")
+                .unwrap()
+                .0,
+            3.0
+        );
+        for (out, want) in [
+            ("", "printed nothing"),
+            ("  \n\n", "printed nothing"),
+            ("{\"nonces_per_second\": 1}\nnot json", "not JSON"),
+            ("[1, 2]", "not a JSON object"),
+            ("{\"rate\": 5}", "no \"nonces_per_second\""),
+            ("{\"nonces_per_second\": \"5\"}", "is not a number"),
+            ("{\"nonces_per_second\": null}", "is not a number"),
+            ("{\"nonces_per_second\": 0}", "must be positive"),
+            ("{\"nonces_per_second\": -2.5}", "must be positive"),
+        ] {
+            let e = parse_reference_output(out).unwrap_err();
+            assert!(e.contains(want), "{out:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_reference_command_runs_with_its_environment_and_a_time_limit() {
+        let env = [("LLAMA_POW_BENCH_DTYPE", "bf16".to_owned())];
+        let out = run_reference(
+            r#"echo starting >&2; echo "{\"nonces_per_second\": 7, \"dtype\": \"$LLAMA_POW_BENCH_DTYPE\"}""#,
+            &env,
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let (x, raw) = parse_reference_output(&out).unwrap();
+        assert_eq!((x, raw["dtype"].as_str()), (7.0, Some("bf16")));
+        let e = run_reference("echo oops >&2; exit 3", &[], Duration::from_secs(30)).unwrap_err();
+        assert!(e.contains("exit status: 3") && e.contains("oops"), "{e}");
+        let t = Instant::now();
+        let e = run_reference("sleep 30; echo late", &[], Duration::from_millis(300)).unwrap_err();
+        assert!(e.contains("timed out"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn start_figures_name_the_cold_and_the_cached_start() {
+        let r = |dtype: &str, bs: u64, cached: bool, first: f64| {
+            json!({"dtype": dtype, "batch_size": bs, "model_cached": cached,
+                   "time_to_first_batch_seconds": first, "model_build_seconds": 0.25})
+        };
+        let results = [
+            r("f16", 1, false, 3.0),
+            r("f16", 8, true, 0.2),
+            r("f16", 32, true, 0.9),
+            r("bf16", 4, false, 6.0),
+        ];
+        let s = start_figures(&results, &[Dtype::F16, Dtype::Bf16]);
+        let f = &s["f16"];
+        assert_eq!(f["cold_seconds"], 3.0);
+        assert_eq!(f["cold_batch_size"], 1);
+        assert_eq!(f["cold_model_build_seconds"], 0.25);
+        assert_eq!(f["cached_seconds"], 0.2);
+        assert_eq!(f["cached_batch_size"], 8);
+        assert_eq!(f["goal_cold_seconds"], 5.0);
+        assert_eq!(f["goal_cached_seconds"], 0.5);
+        assert_eq!(f["cold_meets_goal"], true);
+        assert_eq!(f["cached_meets_goal"], true);
+        assert!(f.get("cached_note").is_none());
+        let b = &s["bf16"];
+        assert_eq!(b["cold_seconds"], 6.0);
+        assert_eq!(b["cold_meets_goal"], false);
+        assert!(b["cached_seconds"].is_null());
+        assert!(b["cached_meets_goal"].is_null());
+        assert!(b["cached_note"].is_string());
+    }
 }

@@ -6,7 +6,45 @@
 //! Poisson process meanwhile. Either way the folder holds `report.json`, `metrics.csv`,
 //! `gpu.csv` (NVML samples every 500 ms; only a header without GPUs) and
 //! `throughput_latency.png`; `--json` prints the report on standard output and nothing else.
+//!
+//! Besides the sweep's `results` (one object per configuration) and `best`, a local run's
+//! report states the figures the CUDA backend is judged by, all measured in the same process:
+//!
+//! - `start` (per dtype, e.g. `start.f16`): `cold_seconds`, from submitting the dtype's first
+//!   configuration to its first batch, the model built (`model_cached` false), with
+//!   `cold_batch_size` and `cold_model_build_seconds`; `cached_seconds`, the same for the
+//!   next configuration of the dtype whose model came from the cache (`model_cached` true),
+//!   with `cached_batch_size` (both null, with a `cached_note`, when the sweep has one batch
+//!   size); `goal_cold_seconds` (5) and `goal_cached_seconds` (0.5), and `cold_meets_goal` /
+//!   `cached_meets_goal`.
+//! - `ceiling` (see [`ceiling`]): on CUDA devices, per dtype (`ceiling.f16`...), cuBLASLt's
+//!   FLOP-weighted throughput on one forward's own products, measured on the first GPU in use
+//!   after the dtype's sweep, for the batch of its best configuration: `gpu`, `gpus_in_use`,
+//!   `batch_size` (requested), `forward_batch` (the largest batch forwarded), `iters` (timed
+//!   calls per product: 20, or 3 when a batch took over 2 s), `measure_seconds`,
+//!   `ceiling_tflops`, `product_flop_per_nonce` (FLOPs of one forward's products / its
+//!   batch), `ceiling_nonces_per_second` (per GPU: `ceiling_tflops * 1e12 /
+//!   product_flop_per_nonce`), `measured_nonces_per_second` (the best configuration, whole
+//!   machine), `measured_nonces_per_second_per_gpu` (divided by `gpus_in_use`: a group splits
+//!   every forward's layers across its GPUs), `fraction_of_ceiling` (per GPU measured /
+//!   ceiling), `goal_fraction_of_ceiling` (0.85), `meets_goal`, and `shapes` (each product's
+//!   `name`, `m`, `n`, `k`, `tflops`, `seconds_per_call`); `{"error": ...}` for a dtype whose
+//!   ceiling could not be measured. Without CUDA devices: `{"skipped": "<why>"}`.
+//! - `reference`, with `--reference-command`: the command is run with `sh -c` after the sweep
+//!   and the ceilings, with `LLAMA_POW_BENCH_PARAMS` (the params, JSON),
+//!   `LLAMA_POW_BENCH_DTYPE` (the first of `--dtypes`), `LLAMA_POW_BENCH_SECONDS`,
+//!   `LLAMA_POW_BENCH_BLOCK_HASH`, `LLAMA_POW_BENCH_BATCH_SIZES` (comma-separated) and
+//!   `LLAMA_POW_BENCH_R_TARGET` in its environment, and must print a JSON object holding
+//!   `"nonces_per_second"` (a positive number) as the last line of its standard output; it is
+//!   killed (its process group) after max(60 s, 10 x `--seconds`). Reported: `command`,
+//!   `dtype`, `nonces_per_second` (theirs), `ours_nonces_per_second` and `ours_batch_size`
+//!   (our best configuration of that dtype, whole machine), `ratio` (ours / theirs),
+//!   `goal_ratio` (1.3), `meets_goal`, `seconds` (the command's wall time),
+//!   `timeout_seconds` and `raw` (the object as printed). A command that fails, times out or
+//!   prints no such object gives `{"command", "error", "timeout_seconds"}` and a warning on
+//!   standard error, not a failed bench. Null when no command was given.
 
+pub mod ceiling;
 pub mod local;
 pub mod plot;
 pub mod server;
@@ -88,6 +126,13 @@ pub struct BenchArgs {
     /// --server: timeout of each /health probe, in seconds.
     #[arg(long, default_value = "5", value_parser = seconds)]
     pub health_timeout: Duration,
+    /// Local runs: after the sweep, run this shell command (`sh -c`) measuring the reference
+    /// implementation on this machine; its last line of standard output must be a JSON object
+    /// with "nonces_per_second". It gets LLAMA_POW_BENCH_PARAMS (JSON), LLAMA_POW_BENCH_DTYPE,
+    /// LLAMA_POW_BENCH_SECONDS, LLAMA_POW_BENCH_BLOCK_HASH, LLAMA_POW_BENCH_BATCH_SIZES and
+    /// LLAMA_POW_BENCH_R_TARGET, and is killed after max(60, 10 x --seconds) seconds.
+    #[arg(long)]
+    pub reference_command: Option<String>,
 }
 
 /// Run the bench; the report is returned (and printed by the caller when `--json`).
@@ -100,6 +145,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
     }
     if args.batch_sizes.is_empty() || args.dtypes.is_empty() {
         anyhow::bail!("--batch-sizes and --dtypes need at least one value each");
+    }
+    if let Some(cmd) = &args.reference_command {
+        if args.server.is_some() {
+            anyhow::bail!("--reference-command: local runs only, not with --server");
+        }
+        if cmd.trim().is_empty() {
+            anyhow::bail!("--reference-command: expected a shell command");
+        }
     }
     let (params, params_source) = load_params(&args.params)?;
     let out = match &args.out {

@@ -1,0 +1,1239 @@
+//! The forward pass's matrix products, through cuBLASLt's raw API.
+//!
+//! Every product of the forward is PyTorch's `F.linear` without bias:
+//!
+//! ```text
+//! dst[i, j] = round_T( sum_l x[i * x_stride + l] * w[j * k + l] )      i < m, j < n, l < k
+//! ```
+//!
+//! with `x` m rows of k values (`x_stride` apart: the last layer's query projection reads one
+//! row per nonce out of a `[batch, seq, dim]` tensor), `w` row-major `[n, k]` (PyTorch's
+//! `[out, in]`) and `dst` row-major `[m, n]`, all three of the model's storage dtype.
+//! Accumulation and scaling are f32 (`CUBLAS_COMPUTE_32F`, scale type `CUDA_R_32F`); for f32
+//! data that is exactly `CUBLAS_COMPUTE_32F`, never a TF32 compute type, whose 10-bit
+//! mantissa inputs would put the products far from the reference's.
+//!
+//! cuBLASLt is column-major, so the product is computed transposed, the "TN" layout:
+//! `C = dst^T` is column-major `[n, m]` (ldc = n), `A = w` seen column-major is `[k, n]`
+//! (lda = k) taken transposed (`op(A) = [n, k]`), `B = x^T` is column-major `[k, m]`
+//! (ldb = x_stride) taken as is. `C = op(A) * B` is then `[n, m]`, which is `dst` row-major.
+//!
+//! cudarc's safe `Matmul` rebuilds the descriptors and asks the heuristic on every call (and
+//! uses TF32 for f32). Here a [`Plan`] (descriptor, layouts and the heuristic's algorithm) is
+//! built on the first call of a shape and cached, so a call is one `cublasLtMatmul` enqueue,
+//! and a shape always runs the same algorithm: the same bits from run to run on one device.
+
+use super::{CudaLibrary, CudaUnavailable};
+use crate::pow::dtype::Dtype;
+use crate::pow::params::Params;
+use cudarc::cublaslt::result::{self as lt, CublasError};
+use cudarc::cublaslt::sys;
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DriverError};
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::fmt;
+use std::mem::{size_of, MaybeUninit};
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// cuBLASLt's workspace, as NVIDIA recommends it (and cudarc's `Workspace` sizes it):
+/// 32 MiB on Hopper (sm_90) and later, 4 MiB before.
+const WORKSPACE_BYTES_SM90: usize = 32 << 20;
+const WORKSPACE_BYTES_OLDER: usize = 4 << 20;
+
+/// The largest alignment cuBLASLt's heuristic distinguishes (its default assumption).
+const MAX_ALIGNMENT: u32 = 256;
+
+/// `cublasOperation_t` values (the cuBLASLt bindings do not carry the enum): the
+/// `CUBLASLT_MATMUL_DESC_TRANS*` attributes are `int32_t`.
+const CUBLAS_OP_N: i32 = 0;
+const CUBLAS_OP_T: i32 = 1;
+
+/// The shape of one product (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GemmShape {
+    pub dtype: Dtype,
+    /// Rows of `x` and `dst` (tokens).
+    pub m: usize,
+    /// Rows of `w`, columns of `dst` (output features).
+    pub n: usize,
+    /// Columns of `x` and `w` (input features).
+    pub k: usize,
+    /// Elements from one row of `x` to the next, at least `k`.
+    pub x_stride: usize,
+}
+
+impl GemmShape {
+    /// Floating-point operations of the product: a multiply and an add per term.
+    pub fn flops(&self) -> f64 {
+        2.0 * self.m as f64 * self.n as f64 * self.k as f64
+    }
+
+    /// Whether the product has no output element (nothing to compute, nothing read).
+    fn is_empty(&self) -> bool {
+        self.m == 0 || self.n == 0
+    }
+
+    /// The checks cuBLASLt's layouts need: a non-empty sum, rows of `x` that do not overlap,
+    /// leading dimensions that fit its `int64_t`.
+    fn validate(&self) -> Result<(), GemmError> {
+        let fail = |reason: &str| {
+            Err(GemmError::Shape {
+                shape: *self,
+                reason: reason.to_string(),
+            })
+        };
+        if self.k == 0 {
+            return fail("k is 0 (an empty sum; the forward never asks for one)");
+        }
+        if self.x_stride < self.k {
+            return fail("x_stride is smaller than k (the rows of x would overlap)");
+        }
+        let fits = |v: usize| i64::try_from(v).is_ok();
+        if ![self.m, self.n, self.k, self.x_stride]
+            .into_iter()
+            .all(fits)
+        {
+            return fail("a dimension does not fit in an int64");
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for GemmShape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} m={} n={} k={} x_stride={}",
+            self.dtype, self.m, self.n, self.k, self.x_stride
+        )
+    }
+}
+
+/// Why a product could not be set up or enqueued.
+#[derive(Debug, thiserror::Error)]
+pub enum GemmError {
+    /// libcublasLt is not installed, or failed to load.
+    #[error("cuBLASLt is unavailable: {0}")]
+    Unavailable(CudaUnavailable),
+    #[error("CUDA driver error around the matrix products: {0}")]
+    Driver(#[from] DriverError),
+    /// A cuBLASLt call that belongs to no shape (creating the handle) failed.
+    #[error("{op} failed: {status}")]
+    Setup {
+        op: &'static str,
+        status: CublasError,
+    },
+    /// A cuBLASLt call for one shape (building its plan, or the product itself) failed.
+    #[error("{op} failed for shape {shape}: {status}")]
+    Cublas {
+        op: &'static str,
+        shape: GemmShape,
+        status: CublasError,
+    },
+    /// The heuristic offered no algorithm for the shape.
+    #[error("no algorithm for shape {0}")]
+    NoAlgorithm(GemmShape),
+    /// The shape or the pointers break a rule of [`Gemm::linear`].
+    #[error("invalid product {shape}: {reason}")]
+    Shape { shape: GemmShape, reason: String },
+}
+
+/// The storage dtype's size in bytes.
+fn element_bytes(dtype: Dtype) -> usize {
+    match dtype {
+        Dtype::F32 => 4,
+        Dtype::F16 | Dtype::Bf16 => 2,
+    }
+}
+
+fn data_type(dtype: Dtype) -> sys::cudaDataType {
+    match dtype {
+        Dtype::F32 => sys::cudaDataType::CUDA_R_32F,
+        Dtype::F16 => sys::cudaDataType::CUDA_R_16F,
+        Dtype::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+    }
+}
+
+/// The split-K reduction schemes an algorithm may use (`cublasLtReductionScheme_t` bits).
+/// The product must be one f32 sum rounded once to the dtype, as the CPU backend computes
+/// it. `INPLACE` and `OUTPUT_TYPE` add the partial sums up in the output type, which for
+/// f16 and bf16 rounds every partial sum (PyTorch's default "reduced precision reduction"):
+/// only `COMPUTE_TYPE` (f32 partials in the workspace) keeps one rounding. For f32 the
+/// output type is the compute type, and every scheme is allowed. Algorithms without split-K
+/// (`NONE`, 0) are always allowed.
+fn reduction_schemes(dtype: Dtype) -> u32 {
+    use sys::cublasLtReductionScheme_t as R;
+    match dtype {
+        Dtype::F32 => R::CUBLASLT_REDUCTION_SCHEME_MASK as u32,
+        Dtype::F16 | Dtype::Bf16 => R::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32,
+    }
+}
+
+/// The alignment of a device address in bytes, capped at [`MAX_ALIGNMENT`] (null counts as
+/// fully aligned).
+fn alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        MAX_ALIGNMENT
+    } else {
+        (1u64 << ptr.trailing_zeros().min(MAX_ALIGNMENT.trailing_zeros())) as u32
+    }
+}
+
+/// What a plan is built for: the shape, and how aligned the three matrices' addresses are.
+/// cuBLASLt's heuristic assumes 256-byte aligned addresses unless told otherwise, and an
+/// algorithm picked under that assumption may refuse (or misread) a less aligned matrix,
+/// such as the last layer's query rows that start mid-tensor. Addresses from the allocator
+/// are 256-byte aligned, so a shape normally has one plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PlanKey {
+    shape: GemmShape,
+    /// Alignment in bytes of `w` (cuBLASLt's A), `x` (B) and `dst` (C and D).
+    align_w: u32,
+    align_x: u32,
+    align_dst: u32,
+}
+
+/// A matmul descriptor, destroyed when dropped.
+struct MatmulDesc(sys::cublasLtMatmulDesc_t);
+
+impl Drop for MatmulDesc {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor was created by cublasLtMatmulDescCreate, is owned by this
+        // value alone and is destroyed only here. A failure cannot be acted on in a drop.
+        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
+    }
+}
+
+/// A matrix layout, destroyed when dropped.
+struct Layout(sys::cublasLtMatrixLayout_t);
+
+impl Layout {
+    fn new(dtype: Dtype, rows: usize, cols: usize, ld: usize) -> Result<Self, CublasError> {
+        // Shape::validate checked that every dimension fits an int64.
+        let ld = i64::try_from(ld).unwrap_or(i64::MAX);
+        lt::create_matrix_layout(data_type(dtype), rows as u64, cols as u64, ld).map(Self)
+    }
+}
+
+impl Drop for Layout {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtMatrixLayoutCreate, owned by this value alone, destroyed
+        // only here.
+        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
+    }
+}
+
+/// Heuristic preferences, destroyed when dropped (they are only needed to build a plan).
+struct Preference(sys::cublasLtMatmulPreference_t);
+
+impl Drop for Preference {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtMatmulPreferenceCreate, owned by this value alone,
+        // destroyed only here.
+        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+    }
+}
+
+/// Everything one `cublasLtMatmul` call of a shape needs besides the pointers. The
+/// descriptors are destroyed when the plan is dropped.
+struct Plan {
+    desc: MatmulDesc,
+    /// `w`: column-major `[k, n]`, lda = k, used transposed.
+    a: Layout,
+    /// `x^T`: column-major `[k, m]`, ldb = x_stride.
+    b: Layout,
+    /// `dst^T`: column-major `[n, m]`, ldc = n; C and D are the same matrix (beta is 0, so C
+    /// is never read).
+    c: Layout,
+    /// The heuristic's first algorithm, copied out of its result.
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+impl Plan {
+    /// Builds the descriptors for `key` and asks the heuristic for an algorithm that fits in
+    /// `workspace_bytes` and the key's alignments.
+    ///
+    /// The caller has bound the stream's context to this thread; `handle` is live.
+    fn build(
+        handle: sys::cublasLtHandle_t,
+        workspace_bytes: usize,
+        key: &PlanKey,
+    ) -> Result<Self, GemmError> {
+        let shape = key.shape;
+        let fail = |op: &'static str| move |status| GemmError::Cublas { op, shape, status };
+        let GemmShape {
+            dtype,
+            m,
+            n,
+            k,
+            x_stride,
+        } = shape;
+
+        let desc = lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+        .map(MatmulDesc)
+        .map_err(fail("cublasLtMatmulDescCreate"))?;
+        for (attr, op) in [
+            (
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                CUBLAS_OP_T,
+            ),
+            (
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                CUBLAS_OP_N,
+            ),
+        ] {
+            // SAFETY: `desc` is live; the TRANS attributes are int32_t and `op` is an i32
+            // that outlives the call (cuBLASLt copies the value).
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    desc.0,
+                    attr,
+                    (&op as *const i32).cast(),
+                    size_of::<i32>(),
+                )
+            }
+            .map_err(fail("cublasLtMatmulDescSetAttribute"))?;
+        }
+
+        let layout = |rows, cols, ld| {
+            Layout::new(dtype, rows, cols, ld).map_err(fail("cublasLtMatrixLayoutCreate"))
+        };
+        let a = layout(k, n, k)?;
+        let b = layout(k, m, x_stride)?;
+        let c = layout(n, m, n)?;
+
+        let pref = lt::create_matmul_pref()
+            .map(Preference)
+            .map_err(fail("cublasLtMatmulPreferenceCreate"))?;
+        let workspace = workspace_bytes as u64;
+        // SAFETY: `pref` is live; MAX_WORKSPACE_BYTES is a uint64_t and `workspace` a u64
+        // that outlives the call (cuBLASLt copies the value).
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                pref.0,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&workspace as *const u64).cast(),
+                size_of::<u64>(),
+            )
+        }
+        .map_err(fail("cublasLtMatmulPreferenceSetAttribute"))?;
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        for (attr, value) in [
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align_w),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align_x),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align_dst),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align_dst),
+            (
+                P::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                reduction_schemes(dtype),
+            ),
+        ] {
+            // SAFETY: `pref` is live; the MIN_ALIGNMENT and REDUCTION_SCHEME_MASK attributes
+            // are uint32_t and `value` a u32 that outlives the call.
+            unsafe {
+                lt::set_matmul_pref_attribute(
+                    pref.0,
+                    attr,
+                    (&value as *const u32).cast(),
+                    size_of::<u32>(),
+                )
+            }
+            .map_err(fail("cublasLtMatmulPreferenceSetAttribute"))?;
+        }
+
+        let mut result = MaybeUninit::<sys::cublasLtMatmulHeuristicResult_t>::zeroed();
+        let mut count: i32 = 0;
+        // SAFETY: the handle, descriptor, layouts and preference are live; `result` has room
+        // for the one result requested and `count` receives how many were written. C and D
+        // share one layout, as they are one matrix.
+        unsafe {
+            sys::cublasLtMatmulAlgoGetHeuristic(
+                handle,
+                desc.0,
+                a.0,
+                b.0,
+                c.0,
+                c.0,
+                pref.0,
+                1,
+                result.as_mut_ptr(),
+                &mut count,
+            )
+        }
+        .result()
+        .map_err(fail("cublasLtMatmulAlgoGetHeuristic"))?;
+        if count < 1 {
+            return Err(GemmError::NoAlgorithm(shape));
+        }
+        // SAFETY: cuBLASLt wrote `count` >= 1 results, and the buffer was zeroed before (a
+        // valid bit pattern for this plain C struct either way).
+        let result = unsafe { result.assume_init() };
+        result
+            .state
+            .result()
+            .map_err(fail("cublasLtMatmulAlgoGetHeuristic"))?;
+        Ok(Plan {
+            desc,
+            a,
+            b,
+            c,
+            algo: result.algo,
+        })
+    }
+}
+
+/// Whether libcublasLt can be loaded. cudarc panics on the first call into a library it
+/// cannot find, so this comes before any call into cuBLASLt.
+fn ensure_library() -> Result<(), GemmError> {
+    if CudaLibrary::CublasLt.is_present() {
+        Ok(())
+    } else {
+        Err(GemmError::Unavailable(CudaUnavailable::LibraryMissing(
+            CudaLibrary::CublasLt,
+        )))
+    }
+}
+
+/// Creates a cuBLASLt handle; a library that loads but lacks the symbol (cudarc panics then)
+/// is reported, not a crash.
+fn create_handle() -> Result<sys::cublasLtHandle_t, GemmError> {
+    match std::panic::catch_unwind(lt::create_handle) {
+        Ok(Ok(handle)) => Ok(handle),
+        Ok(Err(status)) => Err(GemmError::Setup {
+            op: "cublasLtCreate",
+            status,
+        }),
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown failure".into());
+            Err(GemmError::Unavailable(CudaUnavailable::LoadFailure(msg)))
+        }
+    }
+}
+
+/// The matrix products of one stream: a cuBLASLt handle, its workspace and the plans of the
+/// shapes seen so far.
+pub struct Gemm {
+    handle: sys::cublasLtHandle_t,
+    /// Owns the workspace memory (freed, in stream order, when the `Gemm` is dropped).
+    workspace: CudaSlice<u8>,
+    /// The workspace's address, taken once: the workspace is only ever used on `stream`, in
+    /// stream order, so no per-call synchronisation bookkeeping is needed.
+    workspace_ptr: u64,
+    stream: Arc<CudaStream>,
+    /// Also serialises the use of `handle` and `workspace`: the lock is held from the plan
+    /// lookup to the end of the enqueue.
+    plans: Mutex<HashMap<PlanKey, Plan>>,
+}
+
+// SAFETY: the raw cuBLASLt handle and the plans' descriptors are plain heap objects of the
+// library, not tied to the thread that created them; a handle may be used from any thread,
+// one thread at a time. Every use of them (building plans, enqueueing, destroying) happens
+// under the `plans` mutex or with `&mut self` in drop, and binds the stream's context to the
+// calling thread first. The workspace and stream are cudarc types that are Send and Sync.
+unsafe impl Send for Gemm {}
+// SAFETY: as for Send: shared use goes through the mutex.
+unsafe impl Sync for Gemm {}
+
+impl Gemm {
+    /// A handle and workspace for products enqueued on `stream`.
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self, GemmError> {
+        ensure_library()?;
+        let ctx = stream.context();
+        ctx.bind_to_thread()?;
+        let major =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let bytes = if major >= 9 {
+            WORKSPACE_BYTES_SM90
+        } else {
+            WORKSPACE_BYTES_OLDER
+        };
+        let workspace = stream.alloc_zeros::<u8>(bytes)?;
+        let workspace_ptr = {
+            let (ptr, _sync) = workspace.device_ptr(&stream);
+            ptr
+        };
+        let handle = create_handle()?;
+        Ok(Gemm {
+            handle,
+            workspace,
+            workspace_ptr,
+            stream,
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Enqueues `dst = x * w^T` on the stream (see the module documentation), rounded to the
+    /// shape's dtype. Products with no output element (m or n is 0) do nothing.
+    ///
+    /// Plans (descriptors, layouts, the heuristic's first algorithm) are built on the first
+    /// call of a shape and cached.
+    ///
+    /// # Safety
+    /// `dst`, `x` and `w` are device pointers (CUdeviceptr) in this stream's context, each
+    /// aligned to the dtype's size, holding at least `m*n`, `(m-1)*x_stride+k` and `n*k`
+    /// elements of the dtype, valid until the product has run on the stream; `dst` aliases
+    /// neither input.
+    pub unsafe fn linear(
+        &self,
+        shape: GemmShape,
+        dst: u64,
+        x: u64,
+        w: u64,
+    ) -> Result<(), GemmError> {
+        if shape.is_empty() {
+            return Ok(());
+        }
+        shape.validate()?;
+        let key = PlanKey {
+            shape,
+            align_w: alignment(w),
+            align_x: alignment(x),
+            align_dst: alignment(dst),
+        };
+        let elem = element_bytes(shape.dtype) as u32;
+        if key.align_w.min(key.align_x).min(key.align_dst) < elem {
+            return Err(GemmError::Shape {
+                shape,
+                reason: format!(
+                    "a pointer is not aligned to the {elem}-byte element \
+                     (dst {dst:#x}, x {x:#x}, w {w:#x})"
+                ),
+            });
+        }
+
+        // cuBLASLt launches through the runtime, which works in the current context.
+        self.stream.context().bind_to_thread()?;
+        let mut plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        let plan = match plans.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(Plan::build(self.handle, self.workspace.len(), &key)?),
+        };
+
+        let alpha: f32 = 1.0;
+        let beta: f32 = 0.0;
+        // SAFETY: the handle and the plan's descriptors are live and used under the lock;
+        // alpha and beta are f32 host values (the scale type is CUDA_R_32F, the pointer mode
+        // host) read during the call; the caller guarantees the device pointers hold the
+        // matrices the layouts describe, in the stream's context, which is bound; the
+        // workspace belongs to this handle and stream and is as large as the heuristic was
+        // told; C is never read because beta is 0, and D is dst.
+        unsafe {
+            sys::cublasLtMatmul(
+                self.handle,
+                plan.desc.0,
+                (&alpha as *const f32).cast(),
+                w as *const c_void,
+                plan.a.0,
+                x as *const c_void,
+                plan.b.0,
+                (&beta as *const f32).cast(),
+                dst as *const c_void,
+                plan.c.0,
+                dst as *mut c_void,
+                plan.c.0,
+                &plan.algo,
+                self.workspace_ptr as *mut c_void,
+                self.workspace.len(),
+                self.stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .result()
+        .map_err(|status| GemmError::Cublas {
+            op: "cublasLtMatmul",
+            shape,
+            status,
+        })
+    }
+
+    /// The stream the products are enqueued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl fmt::Debug for Gemm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plans = self
+            .plans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        f.debug_struct("Gemm")
+            .field("workspace_bytes", &self.workspace.len())
+            .field("plans", &plans)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Gemm {
+    fn drop(&mut self) {
+        // cublasLtDestroy synchronises the device through the runtime, in the current
+        // context. Best effort: a context with a pending error is left as it is.
+        let _ = self.stream.context().bind_to_thread();
+        // The plans' descriptors first (each destroys its own), then the handle. The
+        // workspace is freed after this, in stream order, when the field is dropped.
+        self.plans
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        if !self.handle.is_null() {
+            // SAFETY: the handle was created by cublasLtCreate in `new`, nothing uses it any
+            // more (no plan is left and we hold `&mut self`), and it is destroyed only here.
+            let _ = unsafe { lt::destroy_handle(self.handle) };
+            self.handle = std::ptr::null_mut();
+        }
+    }
+}
+
+/// The measured throughput of one product.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CeilingShape {
+    pub name: String,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub tflops: f64,
+    pub seconds_per_call: f64,
+}
+
+/// The best throughput cuBLASLt gives on the forward's own products: what a forward could
+/// reach if everything but the products took no time.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Ceiling {
+    /// [`Dtype::as_str`].
+    pub dtype: &'static str,
+    pub shapes: Vec<CeilingShape>,
+    /// FLOP-weighted: total flops of one forward's products / total time.
+    pub tflops: f64,
+}
+
+/// Times `iters` calls of each `(name, m, n, k, count_per_forward)` product on freshly
+/// allocated buffers of small random values, after 3 warm-up calls (which also build the
+/// plan), with CUDA events; then combines them weighted by each product's count in a
+/// forward: `tflops = sum(count * flops) / sum(count * seconds_per_call) / 1e12`.
+/// A product with no work (m, n or k is 0) is listed with zero time and throughput.
+pub fn measure_ceiling(
+    gemm: &Gemm,
+    dtype: Dtype,
+    products: &[(String, usize, usize, usize, usize)],
+    iters: usize,
+) -> Result<Ceiling, GemmError> {
+    let iters = iters.max(1);
+    let mut shapes = Vec::with_capacity(products.len());
+    let mut counts = Vec::with_capacity(products.len());
+    for (seed, (name, m, n, k, count)) in products.iter().enumerate() {
+        let shape = GemmShape {
+            dtype,
+            m: *m,
+            n: *n,
+            k: *k,
+            x_stride: *k,
+        };
+        let seconds = if shape.flops() > 0.0 {
+            time_product(gemm, shape, iters, seed as u64)?
+        } else {
+            0.0
+        };
+        shapes.push(CeilingShape {
+            name: name.clone(),
+            m: *m,
+            n: *n,
+            k: *k,
+            tflops: throughput(shape.flops(), seconds),
+            seconds_per_call: seconds,
+        });
+        counts.push(*count);
+    }
+    Ok(combine(dtype, shapes, &counts))
+}
+
+/// Tera-FLOP/s, 0 where no time was measured.
+fn throughput(flops: f64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        flops / seconds / 1e12
+    } else {
+        0.0
+    }
+}
+
+/// The FLOP-weighted ceiling of measured shapes, `counts[i]` calls of `shapes[i]` per forward.
+fn combine(dtype: Dtype, shapes: Vec<CeilingShape>, counts: &[usize]) -> Ceiling {
+    let (flops, seconds) = shapes
+        .iter()
+        .zip(counts)
+        .fold((0.0, 0.0), |(f, s), (shape, &count)| {
+            let per_call = 2.0 * shape.m as f64 * shape.n as f64 * shape.k as f64;
+            (
+                f + count as f64 * per_call,
+                s + count as f64 * shape.seconds_per_call,
+            )
+        });
+    Ceiling {
+        dtype: dtype.as_str(),
+        shapes,
+        tflops: throughput(flops, seconds),
+    }
+}
+
+/// Seconds per call of one product, on fresh buffers.
+fn time_product(gemm: &Gemm, shape: GemmShape, iters: usize, seed: u64) -> Result<f64, GemmError> {
+    let stream = gemm.stream();
+    // Checked: a size that wrapped around would allocate less than the product touches.
+    let elem = element_bytes(shape.dtype);
+    let bytes = |rows: usize, cols: usize| {
+        rows.checked_mul(cols)
+            .and_then(|v| v.checked_mul(elem))
+            .ok_or_else(|| GemmError::Shape {
+                shape,
+                reason: "the buffers' sizes overflow".into(),
+            })
+    };
+    let mut x = stream.alloc_zeros::<u8>(bytes(shape.m, shape.x_stride)?)?;
+    let mut w = stream.alloc_zeros::<u8>(bytes(shape.n, shape.k)?)?;
+    let mut dst = stream.alloc_zeros::<u8>(bytes(shape.m, shape.n)?)?;
+    fill_random(stream, &mut x, shape.dtype, 2 * seed)?;
+    fill_random(stream, &mut w, shape.dtype, 2 * seed + 1)?;
+
+    let (xp, _x_sync) = x.device_ptr(stream);
+    let (wp, _w_sync) = w.device_ptr(stream);
+    let (dp, _dst_sync) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut dst, stream);
+    let run = || {
+        // SAFETY: the three buffers were allocated on this stream for exactly this shape
+        // (x_stride = k), by the allocator (256-byte aligned), are distinct, and outlive the
+        // calls: they are dropped after the end event has been waited for.
+        unsafe { gemm.linear(shape, dp, xp, wp) }
+    };
+    for _ in 0..3 {
+        run()?;
+    }
+    let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    for _ in 0..iters {
+        run()?;
+    }
+    let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    // Waits for both events.
+    let ms = start.elapsed_ms(&end)?;
+    Ok(f64::from(ms) / 1e3 / iters as f64)
+}
+
+/// Fills a device buffer with small random values of the dtype (uniform in [-1/8, 1/8),
+/// like weights of this scale): 1 MiB of them copied from the host, then repeated on the
+/// device by doubling, so that filling gigabytes costs no host time. Random rather than
+/// constant data: it draws the power (and clocks) real data does.
+fn fill_random(
+    stream: &Arc<CudaStream>,
+    buf: &mut CudaSlice<u8>,
+    dtype: Dtype,
+    seed: u64,
+) -> Result<(), DriverError> {
+    const PATTERN_BYTES: usize = 1 << 20;
+    let len = buf.len();
+    let elem = element_bytes(dtype);
+    let head = len.min(PATTERN_BYTES) / elem * elem;
+    if head == 0 {
+        return Ok(());
+    }
+    let mut rng = SplitMix64(seed);
+    let values: Vec<f32> = (0..head / elem)
+        .map(|_| dtype.round((rng.unit() - 0.5) as f32 * 0.25))
+        .collect();
+    let pattern = encode(dtype, &values);
+    stream.memcpy_htod(&pattern, &mut buf.slice_mut(0..head))?;
+    let mut filled = head;
+    while filled < len {
+        let n = filled.min(len - filled);
+        let (src, mut dst) = buf.split_at_mut(filled);
+        stream.memcpy_dtod(&src.slice(0..n), &mut dst.slice_mut(0..n))?;
+        filled += n;
+    }
+    Ok(())
+}
+
+/// The little-endian bytes of values of the dtype (each already representable in it, or
+/// rounded to nearest even).
+fn encode(dtype: Dtype, values: &[f32]) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+        Dtype::Bf16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+    }
+}
+
+/// A small deterministic generator for fill data (quality is irrelevant here).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The products of one forward pass of `batch` nonces, as `(name, m, n, k, count)`.
+///
+/// Per layer: the projections q, k, v (`m = batch*seq`, `n = heads*head_dim` or
+/// `kv_heads*head_dim`, `k = dim`), o (`n = dim`, `k = heads*head_dim`), the FFN's w1 and w3
+/// (`n = hidden`, `k = dim`) and w2 (`n = dim`, `k = hidden`). The last layer only needs the
+/// last position's output, so its q, o and FFN products have `m = batch` (the `*_last`
+/// entries); its k and v still cover every position (attention reads them all). Then the
+/// output projection of the last positions (`m = batch`, `n = vocab`, `k = dim`).
+/// Entries that occur 0 times (the full-sequence ones of a 1-layer model) are left out.
+pub fn forward_products(
+    params: &Params,
+    batch: usize,
+) -> Vec<(String, usize, usize, usize, usize)> {
+    let dim = params.dim_usize();
+    let q_out = params.n_heads_usize() * params.head_dim();
+    let kv_out = params.n_kv_heads_usize() * params.head_dim();
+    let hidden = params.ffn_hidden();
+    let layers = params.n_layers_usize();
+    let full = batch * params.seq_len_usize();
+
+    // (name, n, k, whether the last layer computes only the last position)
+    let per_layer = [
+        ("q", q_out, dim, true),
+        ("k", kv_out, dim, false),
+        ("v", kv_out, dim, false),
+        ("o", dim, q_out, true),
+        ("w1", hidden, dim, true),
+        ("w3", hidden, dim, true),
+        ("w2", dim, hidden, true),
+    ];
+    let mut products = Vec::with_capacity(2 * per_layer.len() + 1);
+    for &(name, n, k, last_position_only) in &per_layer {
+        let count = if last_position_only {
+            layers.saturating_sub(1)
+        } else {
+            layers
+        };
+        products.push((name.to_string(), full, n, k, count));
+    }
+    for &(name, n, k, last_position_only) in &per_layer {
+        if last_position_only && layers > 0 {
+            products.push((format!("{name}_last"), batch, n, k, 1));
+        }
+    }
+    products.push(("output".to_string(), batch, params.vocab_usize(), dim, 1));
+    products.retain(|p| p.4 > 0);
+    products
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::cuda_available;
+    use crate::pow::dtype::round_f64_via_f32;
+    use cudarc::driver::CudaContext;
+
+    type Product = (String, usize, usize, usize, usize);
+
+    fn total_flops(products: &[Product]) -> f64 {
+        products
+            .iter()
+            .map(|&(_, m, n, k, count)| count as f64 * 2.0 * m as f64 * n as f64 * k as f64)
+            .sum()
+    }
+
+    #[test]
+    fn forward_products_of_v2() {
+        let p = Params::v2();
+        assert_eq!(
+            (
+                p.dim_usize(),
+                p.head_dim(),
+                p.ffn_hidden(),
+                p.seq_len_usize()
+            ),
+            (1792, 28, 49152, 256)
+        );
+        let products = forward_products(&p, 1);
+        let names: Vec<&str> = products.iter().map(|p| p.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "q", "k", "v", "o", "w1", "w3", "w2", "q_last", "o_last", "w1_last", "w3_last",
+                "w2_last", "output"
+            ]
+        );
+        assert!(products.contains(&("q".into(), 256, 1792, 1792, 63)));
+        assert!(products.contains(&("k".into(), 256, 1792, 1792, 64)));
+        assert!(products.contains(&("w2_last".into(), 1, 1792, 49152, 1)));
+        assert!(products.contains(&("output".into(), 1, 8196, 1792, 1)));
+
+        // By hand: q, k, v, o are [1792, 1792]; w1, w3, w2 are [1792, 49152] (or its
+        // transpose). 63 full layers of all seven, k and v full in the 64th, the 64th's q, o
+        // and FFN on the last position only, and the output head on it. Every partial sum is
+        // an integer below 2^53, so f64 is exact and the order of the sum does not matter.
+        let attn = 1792.0 * 1792.0;
+        let ffn = 1792.0 * 49152.0;
+        let expected = 2.0 * 256.0 * (63.0 * (4.0 * attn + 3.0 * ffn) + 2.0 * attn)
+            + 2.0 * (2.0 * attn + 3.0 * ffn)
+            + 2.0 * 8196.0 * 1792.0;
+        assert_eq!(total_flops(&products), expected);
+
+        // Every layer on every position (what DESIGN quotes, ~9.1 TFLOP per nonce): the
+        // `_last` entries scaled back to the whole sequence.
+        let all_full: Vec<Product> = products
+            .iter()
+            .map(|(name, m, n, k, c)| {
+                let m = if name.ends_with("_last") { m * 256 } else { *m };
+                (name.clone(), m, *n, *k, *c)
+            })
+            .collect();
+        let full = total_flops(&all_full);
+        assert_eq!(
+            full,
+            2.0 * 256.0 * 64.0 * (4.0 * attn + 3.0 * ffn) + 2.0 * 8196.0 * 1792.0
+        );
+        assert!(9.0e12 < full && full < 9.2e12, "{full:e}");
+
+        // Linear in the batch.
+        assert_eq!(total_flops(&forward_products(&p, 4)), 4.0 * expected);
+    }
+
+    #[test]
+    fn forward_products_of_one_layer_leave_out_empty_entries() {
+        let p = Params {
+            n_layers: 1,
+            n_kv_heads: 16,
+            ..Params::v2()
+        };
+        let products = forward_products(&p, 2);
+        let names: Vec<&str> = products.iter().map(|p| p.0.as_str()).collect();
+        assert_eq!(
+            names,
+            ["k", "v", "q_last", "o_last", "w1_last", "w3_last", "w2_last", "output"]
+        );
+        // Grouped-query attention: k and v are narrower than q.
+        assert!(products.contains(&("k".into(), 512, 16 * 28, 1792, 1)));
+        assert!(products.contains(&("q_last".into(), 2, 1792, 1792, 1)));
+    }
+
+    #[test]
+    fn shapes_are_validated_and_named() {
+        let shape = GemmShape {
+            dtype: Dtype::F16,
+            m: 4,
+            n: 8,
+            k: 16,
+            x_stride: 16,
+        };
+        assert!(shape.validate().is_ok());
+        assert_eq!(shape.flops(), 1024.0);
+        assert_eq!(shape.to_string(), "f16 m=4 n=8 k=16 x_stride=16");
+
+        let text = GemmShape { k: 0, ..shape }
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("k is 0") && text.contains("m=4 n=8 k=0"),
+            "{text}"
+        );
+        let text = GemmShape {
+            x_stride: 15,
+            ..shape
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(text.contains("x_stride is smaller than k"), "{text}");
+
+        assert!(GemmShape { m: 0, ..shape }.is_empty());
+        assert!(GemmShape {
+            n: 0,
+            k: 0,
+            ..shape
+        }
+        .is_empty());
+        assert!(!shape.is_empty());
+
+        let text = GemmError::NoAlgorithm(shape).to_string();
+        assert_eq!(text, "no algorithm for shape f16 m=4 n=8 k=16 x_stride=16");
+        let text = GemmError::Cublas {
+            op: "cublasLtMatmul",
+            shape,
+            status: CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED),
+        }
+        .to_string();
+        assert!(
+            text.contains("cublasLtMatmul failed for shape f16 m=4"),
+            "{text}"
+        );
+        assert!(text.contains("NOT_SUPPORTED"), "{text}");
+    }
+
+    #[test]
+    fn alignments() {
+        assert_eq!(alignment(0), 256);
+        assert_eq!(alignment(0x7f00_0000_0000), 256);
+        assert_eq!(alignment(0x7f00_0000_0080), 128);
+        assert_eq!(alignment(0x7f00_0000_0002), 2);
+        assert_eq!(alignment(0x7f00_0000_0001), 1);
+    }
+
+    #[test]
+    fn ceiling_is_flop_weighted() {
+        let shape = |name: &str, m, n, k, seconds| CeilingShape {
+            name: name.into(),
+            m,
+            n,
+            k,
+            tflops: throughput(2.0 * (m * n * k) as f64, seconds),
+            seconds_per_call: seconds,
+        };
+        // 2e12 flops in 1 s (2 TFLOP/s) counted 3 times, 2e12 flops in 4 s counted once:
+        // 8e12 flops in 7 s.
+        let shapes = vec![
+            shape("fast", 1000, 1000, 1_000_000, 1.0),
+            shape("slow", 1000, 1000, 1_000_000, 4.0),
+        ];
+        assert_eq!(shapes[0].tflops, 2.0);
+        let c = combine(Dtype::Bf16, shapes, &[3, 1]);
+        assert_eq!(c.dtype, "bf16");
+        assert!((c.tflops - 8.0 / 7.0).abs() < 1e-12, "{}", c.tflops);
+        assert_eq!(combine(Dtype::F32, Vec::new(), &[]).tflops, 0.0);
+    }
+
+    #[test]
+    fn encode_writes_the_dtype_bits() {
+        assert_eq!(encode(Dtype::F32, &[1.0]), 1.0f32.to_le_bytes());
+        assert_eq!(encode(Dtype::F16, &[1.0, -2.0]), [0x00, 0x3C, 0x00, 0xC0]);
+        assert_eq!(encode(Dtype::Bf16, &[1.0]), [0x80, 0x3F]);
+    }
+
+    /// Without libcublasLt, making a `Gemm` is an error, not cudarc's panic. (`Gemm::new`
+    /// needs a stream, so a GPU; its first step is this check, tested here on its own.)
+    #[test]
+    fn missing_library_is_an_error() {
+        if CudaLibrary::CublasLt.is_present() {
+            eprintln!("skipped: libcublasLt is present on this machine");
+            return;
+        }
+        let err = ensure_library().unwrap_err();
+        assert!(matches!(
+            err,
+            GemmError::Unavailable(CudaUnavailable::LibraryMissing(CudaLibrary::CublasLt))
+        ));
+        let text = err.to_string();
+        assert!(text.contains("libcublasLt.so.13"), "{text}");
+    }
+
+    /// The decoded values of a device buffer of the dtype.
+    fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+        match dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+                .collect(),
+            Dtype::Bf16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+                .collect(),
+        }
+    }
+
+    /// Position of a 16-bit float on the number line, in units in the last place.
+    fn ordinal16(dtype: Dtype, v: f32) -> i32 {
+        let bits = match dtype {
+            Dtype::F16 => half::f16::from_f32(v).to_bits(),
+            _ => half::bf16::from_f32(v).to_bits(),
+        };
+        let magnitude = i32::from(bits & 0x7FFF);
+        if bits & 0x8000 != 0 {
+            -magnitude
+        } else {
+            magnitude
+        }
+    }
+
+    /// One product on the GPU against an f64 reference. `offset` elements shift `x`'s start
+    /// (an address less aligned than the allocator's). Positions of `x` outside the matrix
+    /// and `dst` before the call hold NaN: reading the former or leaving any of the latter
+    /// unwritten shows up.
+    fn check(
+        gemm: &Gemm,
+        rng: &mut SplitMix64,
+        dtype: Dtype,
+        (m, n, k, x_stride, offset): (usize, usize, usize, usize, usize),
+    ) {
+        let stream = gemm.stream();
+        let shape = GemmShape {
+            dtype,
+            m,
+            n,
+            k,
+            x_stride,
+        };
+        // f32: full-precision values (a TF32 product would miss 1e-5 by far). f16, bf16:
+        // multiples of 1/64 in [-1, 1], exact in both; their products are multiples of 2^-12
+        // and every sum here (|sum| <= 1792) is exact in f32, so the only rounding is the
+        // final one to the dtype.
+        let mut value = || match dtype {
+            Dtype::F32 => (rng.unit() * 2.0 - 1.0) as f32,
+            _ => ((rng.next() % 129) as i32 - 64) as f32 / 64.0,
+        };
+        let mut x = vec![f32::NAN; offset + (m - 1) * x_stride + k];
+        for i in 0..m {
+            for l in 0..k {
+                x[offset + i * x_stride + l] = value();
+            }
+        }
+        let w: Vec<f32> = (0..n * k).map(|_| value()).collect();
+
+        let x_dev = stream.clone_htod(&encode(dtype, &x)).unwrap();
+        let w_dev = stream.clone_htod(&encode(dtype, &w)).unwrap();
+        let mut dst_dev = stream
+            .clone_htod(&encode(dtype, &vec![f32::NAN; m * n]))
+            .unwrap();
+        let elem = element_bytes(dtype) as u64;
+        let mut results = Vec::new();
+        // Twice: the second call runs the cached plan.
+        for _ in 0..2 {
+            {
+                let (xp, _x_sync) = x_dev.device_ptr(stream);
+                let (wp, _w_sync) = w_dev.device_ptr(stream);
+                let (dp, _dst_sync) =
+                    cudarc::driver::DevicePtrMut::device_ptr_mut(&mut dst_dev, stream);
+                // SAFETY: the buffers were sized above for this shape and offset, are
+                // distinct, live on this stream, and outlive the call (read back below).
+                unsafe { gemm.linear(shape, dp, xp + offset as u64 * elem, wp) }
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+            results.push(decode(dtype, &stream.clone_dtoh(&dst_dev).unwrap()));
+        }
+        assert_eq!(
+            results[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            results[1].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{shape}: the cached plan gave other bits"
+        );
+        let got = &results[0];
+        for i in 0..m {
+            for j in 0..n {
+                let terms = (0..k)
+                    .map(|l| f64::from(x[offset + i * x_stride + l]) * f64::from(w[j * k + l]));
+                let sum: f64 = terms.clone().sum();
+                let magnitude: f64 = terms.map(f64::abs).sum();
+                let g = got[i * n + j];
+                assert!(g.is_finite(), "{shape} offset {offset}: dst[{i},{j}] = {g}");
+                match dtype {
+                    Dtype::F32 => {
+                        let err = (f64::from(g) - sum).abs();
+                        assert!(
+                            err <= 1e-5 * magnitude + 1e-30,
+                            "{shape} offset {offset}: dst[{i},{j}] = {g}, reference {sum}"
+                        );
+                    }
+                    _ => {
+                        let want = round_f64_via_f32(sum, dtype);
+                        let ulps = (ordinal16(dtype, g) - ordinal16(dtype, want)).abs();
+                        assert!(
+                            ulps <= 1,
+                            "{shape} offset {offset}: dst[{i},{j}] = {g}, reference {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn linear_matches_a_reference_on_the_gpu() {
+        if let Err(why) = cuda_available() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let ctx = CudaContext::new(0).unwrap();
+        let stream = ctx.new_stream().unwrap();
+        let gemm = Gemm::new(stream).unwrap();
+        let cases = [
+            (1, 1, 1, 1, 0),
+            (3, 5, 7, 7, 0),
+            (17, 33, 65, 65, 0),
+            // The last layer's query rows: one row per nonce out of [batch, seq, dim].
+            (64, 28, 1792, 1792 * 4, 0),
+            // Rows not 16-byte multiples, starting one element past an aligned address.
+            (3, 5, 7, 9, 1),
+        ];
+        let mut rng = SplitMix64(7);
+        for dtype in Dtype::ALL {
+            for case in cases {
+                check(&gemm, &mut rng, dtype, case);
+            }
+        }
+        // An empty product does nothing, whatever the pointers.
+        let empty = GemmShape {
+            dtype: Dtype::F16,
+            m: 0,
+            n: 8,
+            k: 8,
+            x_stride: 8,
+        };
+        // SAFETY: m is 0: nothing is read or written.
+        unsafe { gemm.linear(empty, 0, 0, 0) }.unwrap();
+        // k = 0 is refused before any pointer is used.
+        // SAFETY: refused by validation before cuBLASLt sees the pointers.
+        let err = unsafe {
+            gemm.linear(
+                GemmShape {
+                    m: 1,
+                    k: 0,
+                    ..empty
+                },
+                0,
+                0,
+                0,
+            )
+        };
+        assert!(matches!(err, Err(GemmError::Shape { .. })));
+        eprintln!("{gemm:?}");
+    }
+
+    #[test]
+    fn ceiling_on_the_gpu() {
+        if let Err(why) = cuda_available() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let ctx = CudaContext::new(0).unwrap();
+        let gemm = Gemm::new(ctx.default_stream()).unwrap();
+        let products = vec![
+            ("a".to_string(), 256, 1792, 1792, 3),
+            ("b".to_string(), 256, 4096, 1792, 1),
+            ("empty".to_string(), 0, 4096, 1792, 1),
+        ];
+        let c = measure_ceiling(&gemm, Dtype::Bf16, &products, 5).unwrap();
+        assert_eq!(c.shapes.len(), 3);
+        assert!(c.tflops > 0.0 && c.tflops.is_finite(), "{c:?}");
+        assert!(c.shapes[0].seconds_per_call > 0.0, "{c:?}");
+        assert_eq!(c.shapes[2].seconds_per_call, 0.0);
+        eprintln!("{}", serde_json::to_string(&c).unwrap());
+    }
+}

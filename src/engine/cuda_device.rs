@@ -1,0 +1,264 @@
+//! A GPU group as one worker's device: the model's layers split across the group's GPUs,
+//! batches forwarded there, and the tail (distances, r_target filter) computed on the last
+//! GPU so that only the proofs come back.
+
+use super::batch::{BatchResult, JobSpec, PreparedBatch};
+use super::device::{AnyModel, Device};
+use crate::backend::cuda::forward::{self, TailOutput};
+use crate::backend::cuda::gpu::{Gpu, GpuError};
+use crate::backend::cuda::model::{self, GpuModel, RESERVE_BYTES};
+use crate::backend::cuda::GpuInfo;
+use crate::backend::BackendError;
+use crate::pow::dtype::Dtype;
+use crate::pow::params::Params;
+use std::sync::Arc;
+
+/// One GPU group.
+#[derive(Debug)]
+pub struct CudaDevice {
+    gpus: Vec<Arc<Gpu>>,
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+impl CudaDevice {
+    /// Bring up every GPU of a group (contexts, kernels, cuBLASLt), in order.
+    pub fn open(group: &[GpuInfo]) -> Result<Self, GpuError> {
+        let gpus = group
+            .iter()
+            .map(|g| Gpu::open(g).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::from_gpus(gpus))
+    }
+
+    /// A group of GPUs already brought up (shared with other groupings of the same GPUs).
+    pub fn from_gpus(gpus: Vec<Arc<Gpu>>) -> Self {
+        assert!(!gpus.is_empty(), "a GPU group has at least one GPU");
+        CudaDevice { gpus }
+    }
+
+    pub fn gpus(&self) -> &[Arc<Gpu>] {
+        &self.gpus
+    }
+
+    fn model<'a>(&self, model: &'a AnyModel) -> Result<&'a GpuModel, BackendError> {
+        model.downcast_ref::<GpuModel>().ok_or_else(|| {
+            BackendError::Device(format!(
+                "a model of another backend was handed to {}",
+                self.name()
+            ))
+        })
+    }
+}
+
+/// `cuda:0`, or `cuda:0+1` for a group of two.
+fn group_name(gpus: &[Arc<Gpu>]) -> String {
+    let ids: Vec<String> = gpus.iter().map(|g| g.ordinal().to_string()).collect();
+    format!("cuda:{}", ids.join("+"))
+}
+
+/// Whether a group of GPUs (name, total memory in bytes, in order) can serve `params` in
+/// `dtype`: valid params, no FP8 (not in this build), and every stage with one nonce's
+/// scratch within its GPU's total memory (free memory depends on which models are cached;
+/// building evicts them as needed).
+pub fn check_group(
+    params: &Params,
+    dtype: Dtype,
+    gpus: &[(String, u64)],
+) -> Result<(), BackendError> {
+    params
+        .validate()
+        .map_err(|e| BackendError::Unsupported(e.to_string()))?;
+    if params.use_fp8 {
+        return Err(BackendError::Unsupported(
+            "params.use_fp8: this build computes in f32, f16 or bf16 on the GPU; send use_fp8 \
+             false"
+                .into(),
+        ));
+    }
+    let n = gpus.len().min(params.n_layers_usize().max(1));
+    let ranges = model::stage_layers(params.n_layers_usize(), n);
+    for (s, ((name, total), layers)) in gpus.iter().zip(&ranges).enumerate() {
+        let (first, last) = (s == 0, s + 1 == n);
+        let need = model::stage_build_bytes(params, dtype, layers, last)
+            + model::scratch_bytes_per_nonce(params, dtype, first, last)
+            + RESERVE_BYTES;
+        if need > *total {
+            return Err(BackendError::OutOfMemory(format!(
+                "params: this model needs {:.1} GiB on {name} ({} of its {} layers in {}), \
+                 which has {:.1} GiB",
+                need as f64 / GIB,
+                layers.len(),
+                params.n_layers,
+                dtype.as_str(),
+                *total as f64 / GIB
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Host bytes of one nonce of a GPU batch: its inputs (f32) and its permutation (i64, drawn
+/// and then laid out in one array), twice (one batch prepared while one computes).
+pub fn host_bytes_per_nonce(params: &Params) -> u64 {
+    let seq = params.seq_len_usize() as u64;
+    let dim = params.dim_usize() as u64;
+    let vocab = params.vocab_usize() as u64;
+    2 * (4 * seq * dim + 2 * 8 * vocab)
+}
+
+impl Device for CudaDevice {
+    fn name(&self) -> String {
+        group_name(&self.gpus)
+    }
+
+    fn check(&self, params: &Params, dtype: Dtype) -> Result<(), BackendError> {
+        let gpus: Vec<(String, u64)> = self
+            .gpus
+            .iter()
+            .map(|g| (g.info.device_name(), g.info.total_bytes))
+            .collect();
+        check_group(params, dtype, &gpus)
+    }
+
+    fn build(
+        &self,
+        block_hash: &str,
+        params: &Params,
+        dtype: Dtype,
+    ) -> Result<AnyModel, BackendError> {
+        let m = GpuModel::build(&self.gpus, block_hash, params, dtype)?;
+        Ok(Arc::new(m))
+    }
+
+    fn forward(
+        &self,
+        model: &AnyModel,
+        inputs: &[f32],
+        batch: usize,
+    ) -> Result<Vec<f32>, BackendError> {
+        let m = self.model(model)?;
+        if batch == 0 {
+            return Ok(Vec::new());
+        }
+        let mut scratch = m.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        forward::ensure_scratch(m, &mut scratch, batch)?;
+        forward::forward_logits(m, &scratch, inputs, batch)?;
+        forward::logits_to_host(m, &scratch, batch)
+    }
+
+    fn run_batch(
+        &self,
+        model: &AnyModel,
+        job: &JobSpec,
+        batch: PreparedBatch,
+        all_distances: bool,
+    ) -> Result<BatchResult, BackendError> {
+        let m = self.model(model)?;
+        let n = batch.nonces.len();
+        if n == 0 {
+            return Ok(BatchResult::empty());
+        }
+        let mut scratch = m.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        forward::ensure_scratch(m, &mut scratch, n)?;
+        // Queue the forward pass first: the permutations are laid out on the host while the
+        // GPUs work.
+        forward::forward_logits(m, &scratch, &batch.inputs, n)?;
+        let vocab = m.params.vocab_usize();
+        let mut perm = Vec::with_capacity(n * vocab);
+        for p in &batch.permutations {
+            perm.extend_from_slice(p);
+        }
+        match forward::tail_on_device(m, &scratch, &perm, n, job.r_target, all_distances)? {
+            TailOutput::All(dist) => Ok(BatchResult::from_distances(
+                batch.nonces,
+                dist,
+                job.r_target,
+            )),
+            TailOutput::Valid(found) => {
+                let valid_nonces = found.iter().map(|&(i, _)| batch.nonces[i]).collect();
+                let valid_dist = found.iter().map(|&(_, d)| d).collect();
+                Ok(BatchResult::from_valid(
+                    batch.nonces,
+                    valid_nonces,
+                    valid_dist,
+                ))
+            }
+        }
+    }
+
+    fn overlaps_preparation(&self) -> bool {
+        true
+    }
+
+    /// On the host a GPU batch is only its inputs (f32) and permutations (i64, drawn and then
+    /// laid out in one array), for two batches at once (one prepared while one computes);
+    /// device memory is [`Device::max_batch`]'s concern.
+    fn bytes_per_nonce(&self, params: &Params) -> u64 {
+        host_bytes_per_nonce(params)
+    }
+
+    fn max_batch(&self, model: &AnyModel, _params: &Params) -> Option<usize> {
+        let m = self.model(model).ok()?;
+        m.max_batch().ok().map(|b| b.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB: u64 = 1 << 30;
+
+    fn gpus(gib: &[u64]) -> Vec<(String, u64)> {
+        gib.iter()
+            .enumerate()
+            .map(|(i, g)| (format!("cuda:{i}"), g * GB))
+            .collect()
+    }
+
+    #[test]
+    fn v2_fits_one_80gb_gpu_or_two_24gb_ones_and_not_one_24gb_one() {
+        let v2 = Params::v2();
+        check_group(&v2, Dtype::F16, &gpus(&[79])).unwrap();
+        check_group(&v2, Dtype::Bf16, &gpus(&[79])).unwrap();
+        check_group(&v2, Dtype::F16, &gpus(&[23, 23])).unwrap();
+        let e = check_group(&v2, Dtype::F16, &gpus(&[23])).unwrap_err();
+        assert!(matches!(e, BackendError::OutOfMemory(_)), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("cuda:0") && text.contains("64 of its 64 layers"),
+            "{text}"
+        );
+        // f32 doubles the weights (66 GiB): one 79 GiB GPU still holds them, a 64 GiB one
+        // does not.
+        check_group(&v2, Dtype::F32, &gpus(&[79])).unwrap();
+        assert!(check_group(&v2, Dtype::F32, &gpus(&[64])).is_err());
+        check_group(&v2, Dtype::F32, &gpus(&[64, 64])).unwrap();
+    }
+
+    #[test]
+    fn fp8_and_invalid_params_are_refused_before_any_memory_question() {
+        let mut p = Params::v1();
+        p.use_fp8 = true;
+        let e = check_group(&p, Dtype::F16, &gpus(&[79])).unwrap_err();
+        assert!(e.to_string().contains("use_fp8"), "{e}");
+        let mut bad = Params::v1();
+        bad.n_heads = 7;
+        assert!(matches!(
+            check_group(&bad, Dtype::F16, &gpus(&[79])).unwrap_err(),
+            BackendError::Unsupported(_)
+        ));
+    }
+
+    #[test]
+    fn host_bytes_of_a_gpu_batch_are_inputs_and_permutations() {
+        let v2 = Params::v2();
+        // 2 x (256 x 1792 x 4 + 2 x 8196 x 8) bytes: about 3.9 MB per nonce, so the default
+        // 2 GiB host budget allows batches of about 540.
+        let per = host_bytes_per_nonce(&v2);
+        assert_eq!(per, 2 * (1_835_008 + 131_136));
+        let cap = (2u64 << 30) / per;
+        assert!((500..600).contains(&cap), "{cap}");
+    }
+}

@@ -1,0 +1,306 @@
+//! How many nonces a worker puts in its next batch.
+//!
+//! The cap is the request's batch size (already cut to fit `max_batch_bytes`, see
+//! [`Engine::effective_batch_size`](super::Engine::effective_batch_size)) and, when the device
+//! knows it, the largest batch its free memory takes ([`Device::max_batch`]). A device that
+//! computes while the host prepares (a GPU, [`Device::overlaps_preparation`]) does not start
+//! at the cap: its first batch is small ([`FIRST_BATCH`] nonces) so that a first result comes
+//! out quickly after a cold start, and the size then doubles each batch while the measured
+//! throughput (nonces per second of device time) improves by more than [`MIN_GAIN`] over the
+//! previous size, up to the cap. Once it stops improving the size settles at the best one
+//! measured. Every other device (the CPU) gets the cap every time.
+//!
+//! The worker asks for the size of batch N+1 while batch N computes, so the ramp runs one
+//! size ahead of its measurements: when a measurement stops it, at most one batch of the
+//! next size is already on its way, and its measurement still counts (the sizer settles at
+//! whichever measured size was best).
+//!
+//! [`Device::max_batch`]: super::device::Device::max_batch
+//! [`Device::overlaps_preparation`]: super::device::Device::overlaps_preparation
+
+use std::time::Duration;
+
+/// The first batch of a ramp (or the cap, if smaller).
+pub const FIRST_BATCH: usize = 8;
+/// The relative throughput gain a doubling must bring for the ramp to go on.
+pub const MIN_GAIN: f64 = 0.03;
+
+/// Batch sizes for one worker of one job.
+#[derive(Debug, Clone)]
+pub struct BatchSizer {
+    cap: usize,
+    phase: Phase,
+    /// Throughput (nonces/s) of each size measured while ramping, in the order measured.
+    measured: Vec<(usize, f64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Every batch at the cap.
+    Fixed,
+    /// Doubling: the size the next batch gets.
+    Ramping { next: usize },
+    /// At the best size measured.
+    Settled(usize),
+}
+
+impl BatchSizer {
+    /// `requested`: the request's batch size (already clamped to the engine's memory bound);
+    /// `device_max`: [`Device::max_batch`](super::device::Device::max_batch); `ramp`: whether
+    /// to search for the size (devices that overlap preparation) or use the cap throughout.
+    pub fn new(requested: usize, device_max: Option<usize>, ramp: bool) -> Self {
+        let cap = device_max.map_or(requested, |m| requested.min(m)).max(1);
+        let phase = if ramp {
+            Phase::Ramping {
+                next: cap.min(FIRST_BATCH),
+            }
+        } else {
+            Phase::Fixed
+        };
+        BatchSizer {
+            cap,
+            phase,
+            measured: Vec::new(),
+        }
+    }
+
+    /// The largest size this sizer will ever give.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// Whether the size is still being searched for.
+    pub fn is_ramping(&self) -> bool {
+        matches!(self.phase, Phase::Ramping { .. })
+    }
+
+    /// The size of the next batch (between 1 and the cap).
+    pub fn next_size(&mut self) -> usize {
+        match self.phase {
+            Phase::Fixed => self.cap,
+            Phase::Settled(s) => s,
+            Phase::Ramping { next } => {
+                self.phase = Phase::Ramping {
+                    next: next.saturating_mul(2).min(self.cap),
+                };
+                next
+            }
+        }
+    }
+
+    /// Record that a batch of `size` (as [`BatchSizer::next_size`] gave it) computed `nonces`
+    /// nonces in `device_time`. A batch cut short (the end of a range) says nothing about its
+    /// size's throughput and is ignored.
+    pub fn record(&mut self, size: usize, nonces: usize, device_time: Duration) {
+        if matches!(self.phase, Phase::Fixed) || nonces < size || size == 0 {
+            return;
+        }
+        let rate = nonces as f64 / device_time.as_secs_f64().max(1e-9);
+        match self.phase {
+            Phase::Fixed => {}
+            Phase::Settled(s) => {
+                // A batch of a larger size that was already prepared when the ramp stopped:
+                // it is a measurement like the others.
+                if size != s && !self.measured.iter().any(|&(m, _)| m == size) {
+                    self.measured.push((size, rate));
+                    self.phase = Phase::Settled(self.best());
+                }
+            }
+            Phase::Ramping { .. } => {
+                if self.measured.iter().any(|&(m, _)| m == size) {
+                    // The cap again while its first measurement was on its way.
+                    return;
+                }
+                let previous = self
+                    .measured
+                    .iter()
+                    .rev()
+                    .find(|&&(m, _)| m < size)
+                    .map(|&(_, r)| r);
+                self.measured.push((size, rate));
+                let improved = previous.is_none_or(|p| rate > p * (1.0 + MIN_GAIN));
+                if !improved || size >= self.cap {
+                    self.phase = Phase::Settled(self.best());
+                }
+            }
+        }
+    }
+
+    /// The measured size with the highest throughput (the smaller one on a tie).
+    fn best(&self) -> usize {
+        let mut best: Option<(usize, f64)> = None;
+        for &(s, r) in &self.measured {
+            match best {
+                Some((bs, br)) if r < br || (r == br && s >= bs) => {}
+                _ => best = Some((s, r)),
+            }
+        }
+        best.map_or(self.cap.min(FIRST_BATCH), |(s, _)| s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Device time of a batch of `n` nonces: a fixed launch cost plus a per-nonce cost that
+    /// falls as the device fills up (throughput saturates at `peak` nonces/s).
+    fn saturating(n: usize) -> Duration {
+        let peak = 10_000.0;
+        let launch = 0.004;
+        Duration::from_secs_f64(launch + n as f64 / peak)
+    }
+
+    /// Throughput rises until 64 and collapses above (memory pressure).
+    fn dropping(n: usize) -> Duration {
+        let rate = if n <= 64 {
+            1000.0 * n as f64
+        } else {
+            64_000.0 / 4.0
+        };
+        Duration::from_secs_f64(n as f64 / rate)
+    }
+
+    /// Ask and record in lockstep (no batch in flight while the next is sized).
+    fn run_lockstep(s: &mut BatchSizer, time: impl Fn(usize) -> Duration, n: usize) -> Vec<usize> {
+        (0..n)
+            .map(|_| {
+                let b = s.next_size();
+                s.record(b, b, time(b));
+                b
+            })
+            .collect()
+    }
+
+    /// As a worker that overlaps preparation asks: the size of batch N+1 before batch N is
+    /// measured.
+    fn run_pipelined(s: &mut BatchSizer, time: impl Fn(usize) -> Duration, n: usize) -> Vec<usize> {
+        let mut sizes = Vec::new();
+        let mut in_flight = s.next_size();
+        for _ in 0..n {
+            let next = s.next_size();
+            s.record(in_flight, in_flight, time(in_flight));
+            sizes.push(in_flight);
+            in_flight = next;
+        }
+        sizes
+    }
+
+    #[test]
+    fn without_ramp_it_is_always_the_cap() {
+        let mut s = BatchSizer::new(100, None, false);
+        assert!(!s.is_ramping());
+        assert_eq!(run_lockstep(&mut s, saturating, 5), vec![100; 5]);
+        let mut s = BatchSizer::new(100, Some(30), false);
+        assert_eq!(s.cap(), 30);
+        assert_eq!(run_lockstep(&mut s, saturating, 3), vec![30; 3]);
+        let mut s = BatchSizer::new(0, Some(0), false);
+        assert_eq!(s.next_size(), 1);
+    }
+
+    #[test]
+    fn a_saturating_curve_ramps_until_the_gain_is_small() {
+        // Throughput n / (0.004 + n/10000): 8 -> 1667, 16 -> 2857, 32 -> 4444, 64 -> 6154,
+        // 128 -> 7619, 256 -> 8649, 512 -> 9275, 1024 -> 9624 (+3.8%), 2048 -> 9808 (+1.9%).
+        let mut s = BatchSizer::new(100_000, None, true);
+        assert!(s.is_ramping());
+        let sizes = run_lockstep(&mut s, saturating, 14);
+        assert_eq!(
+            sizes,
+            [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 2048, 2048, 2048, 2048, 2048]
+        );
+        assert!(!s.is_ramping());
+    }
+
+    #[test]
+    fn pipelined_ramps_overshoot_by_one_size_at_most() {
+        let mut s = BatchSizer::new(100_000, None, true);
+        let sizes = run_pipelined(&mut s, saturating, 14);
+        // 2048 stops the ramp while 4096 is already prepared, and the batch after it is sized
+        // (2048, the best so far) before 4096 is measured; 4096 turns out best and stays.
+        assert_eq!(
+            sizes,
+            [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 2048, 4096, 4096, 4096]
+        );
+    }
+
+    #[test]
+    fn a_dropping_curve_settles_at_its_peak() {
+        let mut s = BatchSizer::new(1 << 20, None, true);
+        let sizes = run_lockstep(&mut s, dropping, 10);
+        assert_eq!(sizes, [8, 16, 32, 64, 128, 64, 64, 64, 64, 64]);
+
+        let mut s = BatchSizer::new(1 << 20, None, true);
+        let sizes = run_pipelined(&mut s, dropping, 10);
+        // 128 is measured (and found worse) while 256 is on its way; 256 is worse still.
+        assert_eq!(sizes, [8, 16, 32, 64, 128, 256, 64, 64, 64, 64]);
+    }
+
+    #[test]
+    fn the_cap_is_never_passed() {
+        // The request's cap, smaller than where the curve saturates.
+        let mut s = BatchSizer::new(100, None, true);
+        let sizes = run_lockstep(&mut s, saturating, 8);
+        assert_eq!(sizes, [8, 16, 32, 64, 100, 100, 100, 100]);
+        let mut s = BatchSizer::new(100, None, true);
+        let sizes = run_pipelined(&mut s, saturating, 8);
+        assert_eq!(sizes, [8, 16, 32, 64, 100, 100, 100, 100]);
+
+        // The device's memory cap below the request's.
+        let mut s = BatchSizer::new(1000, Some(40), true);
+        assert_eq!(s.cap(), 40);
+        let sizes = run_pipelined(&mut s, saturating, 6);
+        assert_eq!(sizes, [8, 16, 32, 40, 40, 40]);
+        assert!(!s.is_ramping());
+
+        // A cap below the first batch.
+        let mut s = BatchSizer::new(5, None, true);
+        assert_eq!(run_lockstep(&mut s, saturating, 3), [5, 5, 5]);
+        assert!(!s.is_ramping());
+    }
+
+    #[test]
+    fn cap_one() {
+        for ramp in [false, true] {
+            let mut s = BatchSizer::new(1, None, ramp);
+            assert_eq!(run_lockstep(&mut s, saturating, 4), [1, 1, 1, 1]);
+            let mut s = BatchSizer::new(64, Some(1), ramp);
+            assert_eq!(run_pipelined(&mut s, dropping, 4), [1, 1, 1, 1]);
+        }
+    }
+
+    #[test]
+    fn short_batches_and_flat_curves() {
+        // A batch cut short by the end of a range does not count.
+        let mut s = BatchSizer::new(1000, None, true);
+        assert_eq!(s.next_size(), 8);
+        s.record(8, 3, Duration::from_secs(1));
+        assert!(s.is_ramping());
+        assert_eq!(s.next_size(), 16);
+
+        // A flat curve (no gain from doubling) stays at the first size.
+        let flat = |n: usize| Duration::from_secs_f64(n as f64 / 500.0);
+        let mut s = BatchSizer::new(1000, None, true);
+        assert_eq!(run_lockstep(&mut s, flat, 5), [8, 16, 8, 8, 8]);
+
+        // A gain of 3% or less stops the ramp; more goes on.
+        let mut s = BatchSizer::new(1000, None, true);
+        s.next_size();
+        s.record(8, 8, Duration::from_millis(100));
+        s.next_size();
+        s.record(16, 16, Duration::from_secs_f64(0.2 / 1.029));
+        assert!(!s.is_ramping());
+        assert_eq!(s.next_size(), 16);
+        let mut s = BatchSizer::new(1000, None, true);
+        s.next_size();
+        s.record(8, 8, Duration::from_millis(100));
+        s.next_size();
+        s.record(16, 16, Duration::from_secs_f64(0.2 / 1.04));
+        assert!(s.is_ramping());
+        assert_eq!(s.next_size(), 32);
+
+        // A zero device time does not divide by zero.
+        let mut s = BatchSizer::new(16, None, true);
+        assert_eq!(run_lockstep(&mut s, |_| Duration::ZERO, 3), [8, 16, 16]);
+    }
+}

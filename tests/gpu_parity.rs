@@ -1,0 +1,252 @@
+//! One parity test body on every device the engine can drive: the CPU always, and where a
+//! usable GPU exists each GPU alone and (with two or more) a group of two with the layers
+//! split across them. Over every golden case: distances within 2e-5 of the reference's
+//! (1e-4 for bf16 models, whose own rounding is 8 times coarser), the same valid set, the
+//! same proofs when the device filters on r_target itself, and the logits of the last
+//! position within the golden tolerance or one unit of the dtype's last place.
+//!
+//! Without a GPU the CUDA part is skipped with the reason printed (run with --nocapture to
+//! see it).
+
+mod common;
+
+use common::*;
+use llama_pow::backend::cuda::{self, GpuInfo};
+use llama_pow::engine::batch::{self, JobSpec};
+use llama_pow::engine::cuda_device::CudaDevice;
+use llama_pow::engine::{CpuDevice, Device};
+use llama_pow::pow::dtype::Dtype;
+use llama_pow::pow::request::parse_params;
+use std::sync::{Arc, OnceLock};
+
+/// Distance tolerance against the reference.
+fn dist_tolerance(dtype: Dtype) -> f64 {
+    match dtype {
+        Dtype::Bf16 => 1e-4,
+        _ => 2e-5,
+    }
+}
+
+/// One unit in the last place of `x` in `dtype`.
+fn ulp(dtype: Dtype, x: f64) -> f64 {
+    let (mantissa_bits, min_exp) = match dtype {
+        Dtype::F32 => (23, -126),
+        Dtype::F16 => (10, -14),
+        Dtype::Bf16 => (7, -126),
+    };
+    let e = (x.abs().log2().floor() as i32).max(min_exp);
+    2f64.powi(e - mantissa_bits)
+}
+
+/// The GPUs of this machine as devices to test, brought up once for the whole binary; or
+/// why there are none.
+fn gpu_devices() -> &'static Result<Vec<Arc<dyn Device>>, String> {
+    static DEVICES: OnceLock<Result<Vec<Arc<dyn Device>>, String>> = OnceLock::new();
+    DEVICES.get_or_init(|| {
+        let gpus: Vec<GpuInfo> = cuda::cuda_available().map_err(|e| e.to_string())?;
+        let mut devices: Vec<Arc<dyn Device>> = Vec::new();
+        let mut opened = Vec::new();
+        for g in &gpus {
+            let d = CudaDevice::open(std::slice::from_ref(g)).map_err(|e| e.to_string())?;
+            opened.push(d.gpus()[0].clone());
+            devices.push(Arc::new(d));
+        }
+        if opened.len() >= 2 {
+            devices.push(Arc::new(CudaDevice::from_gpus(opened[..2].to_vec())));
+        }
+        Ok(devices)
+    })
+}
+
+/// Every device to run the parity body on.
+fn devices_under_test() -> Vec<Arc<dyn Device>> {
+    let mut devices: Vec<Arc<dyn Device>> = vec![Arc::new(CpuDevice::new())];
+    match gpu_devices() {
+        Ok(gpus) => devices.extend(gpus.iter().cloned()),
+        Err(why) => eprintln!("CUDA part skipped: {why}"),
+    }
+    devices
+}
+
+fn check_case_on(device: &dyn Device, name: &str) {
+    let case = load(&format!("{name}.json"));
+    let params = parse_params(&case["params"]).unwrap();
+    let dtype: Dtype = str_of(&case["dtype"]).parse().unwrap();
+    let bh = str_of(&case["block_hash"]);
+    let pk = str_of(&case["public_key"]);
+    let nonces = u64s(&case["nonces"]);
+    let r_target = case["r_target"].as_f64().unwrap();
+    let tol = dist_tolerance(dtype);
+    let dev = device.name();
+
+    device.check(&params, dtype).unwrap();
+    let model = device.build(bh, &params, dtype).unwrap();
+    let job = JobSpec::new(bh, pk, &params, dtype, r_target);
+
+    // Logits of the last position.
+    let prepared = batch::prepare(&job, nonces.clone());
+    let logits = device
+        .forward(&model, &prepared.inputs, nonces.len())
+        .unwrap();
+    let vocab = params.vocab_usize();
+    let logit_tol: f64 = if dtype == Dtype::Bf16 { 1e-4 } else { 1e-5 };
+    let mut max_logit = 0f64;
+    for (i, want) in case["last_token_logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        for (j, (&g, &w)) in logits[i * vocab..(i + 1) * vocab]
+            .iter()
+            .zip(&f64s(want))
+            .enumerate()
+        {
+            let d = (g as f64 - w).abs();
+            max_logit = max_logit.max(d);
+            let allowed = logit_tol.max(ulp(dtype, w));
+            assert!(
+                d <= allowed,
+                "{name} on {dev}: nonce {i} logit {j}: {g} vs {w} (|diff| {d:e} > {allowed:e})"
+            );
+        }
+    }
+
+    // Every distance, through the device's own tail.
+    let r = device
+        .run_batch(&model, &job, batch::prepare(&job, nonces.clone()), true)
+        .unwrap();
+    assert_eq!(r.nonces, nonces, "{name} on {dev}: nonces in batch order");
+    assert!(r.has_all_distances());
+    let want_dist = f64s(&case["dist"]);
+    let mut max_dist = 0f64;
+    for (i, (&g, &w)) in r.dist.iter().zip(&want_dist).enumerate() {
+        let d = (g - w).abs();
+        max_dist = max_dist.max(d);
+        assert!(
+            d <= tol,
+            "{name} on {dev}: nonce {} dist {g} vs {w} (|diff| {d:e} > {tol:e})",
+            nonces[i]
+        );
+    }
+    let want_valid = u64s(&case["valid_nonces"]);
+    assert_eq!(r.valid_nonces, want_valid, "{name} on {dev}: valid set");
+
+    // Only the proofs, filtered where the device filters.
+    let v = device
+        .run_batch(&model, &job, batch::prepare(&job, nonces.clone()), false)
+        .unwrap();
+    assert_eq!(v.nonces, nonces);
+    assert_eq!(
+        v.valid_nonces, r.valid_nonces,
+        "{name} on {dev}: filtered proofs"
+    );
+    assert_eq!(
+        v.valid_dist, r.valid_dist,
+        "{name} on {dev}: filtered distances"
+    );
+
+    // A batch of one, and a batch larger than the first (scratch buffers regrown), agree
+    // with the full batch (within the tolerance: cuBLASLt may pick another algorithm, and
+    // so another f32 summation order, for another number of rows).
+    let one = device
+        .run_batch(&model, &job, batch::prepare(&job, vec![nonces[0]]), true)
+        .unwrap();
+    assert!(
+        (one.dist[0] - r.dist[0]).abs() <= tol,
+        "{name} on {dev}: batch of one {} vs {}",
+        one.dist[0],
+        r.dist[0]
+    );
+    let mut twice = nonces.clone();
+    twice.extend(nonces.iter().map(|n| n.wrapping_add(1_000_003)));
+    let big = device
+        .run_batch(&model, &job, batch::prepare(&job, twice), true)
+        .unwrap();
+    for (a, b) in big.dist.iter().zip(&r.dist) {
+        assert!(
+            (a - b).abs() <= tol,
+            "{name} on {dev}: larger batch {a} vs {b}"
+        );
+    }
+
+    eprintln!("{name} on {dev}: max |logit diff| {max_logit:.3e}, max |dist diff| {max_dist:.3e}");
+}
+
+fn check_case(name: &str) {
+    for d in devices_under_test() {
+        check_case_on(d.as_ref(), name);
+    }
+}
+
+macro_rules! parity_cases {
+    ($($test:ident => $name:literal),* $(,)?) => {
+        $( #[test] fn $test() { check_case($name); } )*
+    };
+}
+
+parity_cases! {
+    tiny_f32 => "tiny_f32",
+    tiny_f16 => "tiny_f16",
+    tiny_bf16 => "tiny_bf16",
+    gqa_scaled_rope_f32 => "gqa_scaled_rope_f32",
+    gqa_scaled_rope_f16 => "gqa_scaled_rope_f16",
+    v2_shaped_f32 => "v2_shaped_f32",
+    v2_shaped_f16 => "v2_shaped_f16",
+    v2_shaped_bf16 => "v2_shaped_bf16",
+    deep64_f32 => "deep64_f32",
+    deep64_f16 => "deep64_f16",
+    seq1_bignonce_f16 => "seq1_bignonce_f16",
+}
+
+#[test]
+fn every_golden_case_is_covered() {
+    // Keep the list above in step with the golden files.
+    let src = include_str!("gpu_parity.rs");
+    for name in MODEL_CASES {
+        assert!(
+            src.contains(&format!("=> \"{name}\"")),
+            "{name} is not tested"
+        );
+    }
+}
+
+#[test]
+fn gpu_and_cpu_agree_on_every_distance() {
+    // Device against device, beyond the golden nonces: 64 nonces of the V2-shaped f16 case.
+    let gpus = match gpu_devices() {
+        Ok(g) if !g.is_empty() => g,
+        Ok(_) => return,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let case = load("v2_shaped_f16.json");
+    let params = parse_params(&case["params"]).unwrap();
+    let (bh, pk) = (str_of(&case["block_hash"]), str_of(&case["public_key"]));
+    let job = JobSpec::new(bh, pk, &params, Dtype::F16, 1.4);
+    let nonces: Vec<u64> = (0..64).map(|i| 7 * i + 3).collect();
+    let cpu = CpuDevice::new();
+    let cm = cpu.build(bh, &params, Dtype::F16).unwrap();
+    let want = cpu
+        .run_batch(&cm, &job, batch::prepare(&job, nonces.clone()), true)
+        .unwrap();
+    for g in gpus {
+        let gm = g.build(bh, &params, Dtype::F16).unwrap();
+        let got = g
+            .run_batch(&gm, &job, batch::prepare(&job, nonces.clone()), true)
+            .unwrap();
+        let max = got
+            .dist
+            .iter()
+            .zip(&want.dist)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f64, f64::max);
+        eprintln!(
+            "v2_shaped_f16, 64 nonces, {} vs cpu: max |dist diff| {max:.3e}",
+            g.name()
+        );
+        assert!(max <= 2e-5, "{}: {max:e}", g.name());
+    }
+}
