@@ -27,14 +27,33 @@ pub enum DtypeChoice {
     F32,
     F16,
     Bf16,
+    /// FP8 (E4M3) matrix products on sm_89 / sm_90 / sm_100 GPUs, everything else in f16:
+    /// the same as f16 with `use_fp8: true` in every request's params.
+    Fp8,
 }
 
-impl From<DtypeChoice> for Dtype {
-    fn from(d: DtypeChoice) -> Self {
-        match d {
+impl DtypeChoice {
+    /// The dtype of the model's activations (f16 for fp8).
+    pub fn dtype(self) -> Dtype {
+        match self {
             DtypeChoice::F32 => Dtype::F32,
-            DtypeChoice::F16 => Dtype::F16,
+            DtypeChoice::F16 | DtypeChoice::Fp8 => Dtype::F16,
             DtypeChoice::Bf16 => Dtype::Bf16,
+        }
+    }
+
+    /// Whether the matrix products run in FP8.
+    pub fn fp8(self) -> bool {
+        self == DtypeChoice::Fp8
+    }
+
+    /// The name the command line takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DtypeChoice::F32 => "f32",
+            DtypeChoice::F16 => "f16",
+            DtypeChoice::Bf16 => "bf16",
+            DtypeChoice::Fp8 => "fp8",
         }
     }
 }
@@ -335,7 +354,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let engine = Engine::new(
         devices,
         EngineOptions {
-            dtype: args.dtype.into(),
+            dtype: args.dtype.dtype(),
+            fp8: args.dtype.fp8(),
             model_cache: args.model_cache,
             ..EngineOptions::default()
         },

@@ -43,6 +43,9 @@ pub struct EngineOptions {
     pub model_cache: usize,
     /// Upper bound on the memory one batch may take on a device; larger batch sizes are cut.
     pub max_batch_bytes: u64,
+    /// Every job's matrix products in FP8 (`--dtype fp8`: `dtype` is then the activations'
+    /// f16), as if its params said `use_fp8: true`.
+    pub fp8: bool,
 }
 
 impl Default for EngineOptions {
@@ -51,6 +54,7 @@ impl Default for EngineOptions {
             dtype: Dtype::F16,
             model_cache: 1,
             max_batch_bytes: 2 << 30,
+            fp8: false,
         }
     }
 }
@@ -92,6 +96,13 @@ impl Job {
         match self {
             Job::Generate(g) => &g.model,
             Job::Range(r) => &r.model,
+        }
+    }
+
+    fn model_mut(&mut self) -> &mut ModelSpec {
+        match self {
+            Job::Generate(g) => &mut g.model,
+            Job::Range(r) => &mut r.model,
         }
     }
 
@@ -448,10 +459,18 @@ impl Engine {
 
     /// Whether every device can serve `params` in the engine's dtype.
     pub fn check(&self, params: &Params) -> Result<(), BackendError> {
+        let params = self.job_params(params);
         for d in &self.inner.devices {
-            d.check(params, self.inner.opts.dtype)?;
+            d.check(&params, self.inner.opts.dtype)?;
         }
         Ok(())
+    }
+
+    /// The params a job of `params` runs with: FP8 products when the engine computes in FP8.
+    pub fn job_params(&self, params: &Params) -> Params {
+        let mut p = params.clone();
+        p.use_fp8 |= self.inner.opts.fp8;
+        p
     }
 
     /// The batch size a job of `params` asking for `requested` nonces per batch will use.
@@ -478,7 +497,9 @@ impl Engine {
     }
 
     /// Start `job`, stopping the one that runs (it ends with [`StopReason::Preempted`]).
-    pub fn submit(&self, job: Job) -> Result<JobHandle, SubmitError> {
+    pub fn submit(&self, mut job: Job) -> Result<JobHandle, SubmitError> {
+        let params = self.job_params(&job.model().params);
+        job.model_mut().params = params;
         let mut st = lock(&self.inner.state);
         if st.shutting_down {
             return Err(SubmitError::ShuttingDown);

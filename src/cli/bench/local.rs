@@ -121,7 +121,7 @@ pub fn run(
     let configs: Vec<(Dtype, u64)> = args
         .dtypes
         .iter()
-        .flat_map(|&d| args.batch_sizes.iter().map(move |&b| (Dtype::from(d), b)))
+        .flat_map(|&d| args.batch_sizes.iter().map(move |&b| (d.dtype(), b)))
         .collect();
     let bar = progress.bar(configs.len() as u64);
     let mut results = Vec::new();
@@ -135,7 +135,7 @@ pub fn run(
         None => progress.line(s),
     };
     for &dtype in &args.dtypes {
-        let dtype = Dtype::from(dtype);
+        let dtype = dtype.dtype();
         let dtype_first = results.len();
         let engine = Engine::new(
             devs.clone(),
@@ -385,7 +385,7 @@ pub fn run(
     } else {
         Value::Object(ceilings)
     };
-    let dtypes: Vec<Dtype> = args.dtypes.iter().map(|&d| Dtype::from(d)).collect();
+    let dtypes: Vec<Dtype> = args.dtypes.iter().map(|&d| d.dtype()).collect();
     let start = start_figures(&results, &dtypes);
     csv.flush()?;
     let shown = Path::new(params_source)
@@ -497,7 +497,7 @@ fn reference(
     results: &[Value],
     progress: &Progress,
 ) -> Value {
-    let dtype = Dtype::from(args.dtypes[0]);
+    let dtype = args.dtypes[0].dtype();
     let timeout = REFERENCE_MIN_TIMEOUT.max(args.seconds.saturating_mul(10));
     let batch_sizes: Vec<String> = args.batch_sizes.iter().map(u64::to_string).collect();
     let env = [
