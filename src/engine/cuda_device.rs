@@ -57,43 +57,89 @@ fn group_name(gpus: &[Arc<Gpu>]) -> String {
     format!("cuda:{}", ids.join("+"))
 }
 
-/// Whether a group of GPUs (name, total memory in bytes, in order) can serve `params` in
-/// `dtype`: valid params, no FP8 (not in this build), and every stage with one nonce's
-/// scratch within its GPU's total memory (free memory depends on which models are cached;
-/// building evicts them as needed).
-pub fn check_group(
-    params: &Params,
-    dtype: Dtype,
-    gpus: &[(String, u64)],
-) -> Result<(), BackendError> {
+/// One GPU of a group, as [`check_group`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupGpu {
+    pub name: String,
+    pub total_bytes: u64,
+    pub compute_capability: (i32, i32),
+}
+
+/// The architectures whose tensor cores multiply E4M3 (Ada sm_89, Hopper sm_90, Blackwell
+/// sm_100 and later).
+pub fn has_fp8(compute_capability: (i32, i32)) -> bool {
+    compute_capability >= (8, 9)
+}
+
+/// Whether a group of GPUs (in order) can serve `params` in `dtype`: valid params; for FP8
+/// (`use_fp8`) a GPU that multiplies E4M3, f16 or bf16 activations and every product's
+/// sizes a multiple of 16; and every stage with one nonce's scratch within its GPU's total
+/// memory (free memory depends on which models are cached; building evicts them as needed).
+pub fn check_group(params: &Params, dtype: Dtype, gpus: &[GroupGpu]) -> Result<(), BackendError> {
     params
         .validate()
         .map_err(|e| BackendError::Unsupported(e.to_string()))?;
     if params.use_fp8 {
-        return Err(BackendError::Unsupported(
-            "params.use_fp8: this build computes in f32, f16 or bf16 on the GPU; send use_fp8 \
-             false"
-                .into(),
-        ));
+        check_fp8(params, dtype, gpus)?;
     }
     let n = gpus.len().min(params.n_layers_usize().max(1));
     let ranges = model::stage_layers(params.n_layers_usize(), n);
-    for (s, ((name, total), layers)) in gpus.iter().zip(&ranges).enumerate() {
+    for (s, (gpu, layers)) in gpus.iter().zip(&ranges).enumerate() {
         let (first, last) = (s == 0, s + 1 == n);
         let need = model::stage_build_bytes(params, dtype, layers, last)
             + model::scratch_bytes_per_nonce(params, dtype, first, last)
             + RESERVE_BYTES;
-        if need > *total {
+        if need > gpu.total_bytes {
             return Err(BackendError::OutOfMemory(format!(
-                "params: this model needs {:.1} GiB on {name} ({} of its {} layers in {}), \
+                "params: this model needs {:.1} GiB on {} ({} of its {} layers in {}{}), \
                  which has {:.1} GiB",
                 need as f64 / GIB,
+                gpu.name,
                 layers.len(),
                 params.n_layers,
                 dtype.as_str(),
-                *total as f64 / GIB
+                if params.use_fp8 {
+                    " with FP8 weights"
+                } else {
+                    ""
+                },
+                gpu.total_bytes as f64 / GIB
             )));
         }
+    }
+    Ok(())
+}
+
+/// FP8 needs the hardware, 16-bit activations, and cuBLASLt's FP8 shapes: every product's
+/// inner size and output width a multiple of 16. Never a silent fallback to f16.
+fn check_fp8(params: &Params, dtype: Dtype, gpus: &[GroupGpu]) -> Result<(), BackendError> {
+    if let Some(g) = gpus.iter().find(|g| !has_fp8(g.compute_capability)) {
+        let (major, minor) = g.compute_capability;
+        return Err(BackendError::Unsupported(format!(
+            "params.use_fp8: {} is sm_{major}{minor}; FP8 products need sm_89, sm_90 or \
+             sm_100 and later; send use_fp8 false",
+            g.name
+        )));
+    }
+    if dtype == Dtype::F32 {
+        return Err(BackendError::Unsupported(
+            "params.use_fp8: FP8 products write f16 or bf16 activations, and this server \
+             computes in f32 (--dtype f16, bf16 or fp8)"
+                .into(),
+        ));
+    }
+    let hd = params.head_dim();
+    let sizes = [
+        ("dim", params.dim_usize()),
+        ("n_heads * head_dim", params.n_heads_usize() * hd),
+        ("n_kv_heads * head_dim", params.n_kv_heads_usize() * hd),
+        ("the FFN hidden size", params.ffn_hidden()),
+    ];
+    if let Some((what, v)) = sizes.iter().find(|(_, v)| v % 16 != 0) {
+        return Err(BackendError::Unsupported(format!(
+            "params.use_fp8: {what} is {v}, and FP8 products need multiples of 16; send \
+             use_fp8 false"
+        )));
     }
     Ok(())
 }
@@ -113,10 +159,14 @@ impl Device for CudaDevice {
     }
 
     fn check(&self, params: &Params, dtype: Dtype) -> Result<(), BackendError> {
-        let gpus: Vec<(String, u64)> = self
+        let gpus: Vec<GroupGpu> = self
             .gpus
             .iter()
-            .map(|g| (g.info.device_name(), g.info.total_bytes))
+            .map(|g| GroupGpu {
+                name: g.info.device_name(),
+                total_bytes: g.info.total_bytes,
+                compute_capability: g.info.compute_capability,
+            })
             .collect();
         check_group(params, dtype, &gpus)
     }
@@ -210,10 +260,14 @@ mod tests {
 
     const GB: u64 = 1 << 30;
 
-    fn gpus(gib: &[u64]) -> Vec<(String, u64)> {
+    fn gpus(gib: &[u64]) -> Vec<GroupGpu> {
         gib.iter()
             .enumerate()
-            .map(|(i, g)| (format!("cuda:{i}"), g * GB))
+            .map(|(i, g)| GroupGpu {
+                name: format!("cuda:{i}"),
+                total_bytes: g * GB,
+                compute_capability: (9, 0),
+            })
             .collect()
     }
 
@@ -238,11 +292,53 @@ mod tests {
     }
 
     #[test]
-    fn fp8_and_invalid_params_are_refused_before_any_memory_question() {
-        let mut p = Params::v1();
-        p.use_fp8 = true;
-        let e = check_group(&p, Dtype::F16, &gpus(&[79])).unwrap_err();
-        assert!(e.to_string().contains("use_fp8"), "{e}");
+    fn fp8_needs_the_hardware_16_bit_activations_and_multiples_of_16() {
+        let mut v2 = Params::v2();
+        v2.use_fp8 = true;
+        // On Hopper, V2 in FP8: 17.7 GB of E4M3 weights fit, and fit a 24 GiB GPU too.
+        check_group(&v2, Dtype::F16, &gpus(&[79])).unwrap();
+        check_group(&v2, Dtype::Bf16, &gpus(&[23])).unwrap();
+        // An A100 (sm_80) has no FP8: refused by name, never computed in f16 instead.
+        let mut a100 = gpus(&[79]);
+        a100[0].compute_capability = (8, 0);
+        let e = check_group(&v2, Dtype::F16, &a100).unwrap_err().to_string();
+        assert!(
+            e.contains("cuda:0 is sm_80") && e.contains("use_fp8"),
+            "{e}"
+        );
+        // Ada (sm_89) and Blackwell (sm_100) have it.
+        let mut ada = gpus(&[47]);
+        ada[0].compute_capability = (8, 9);
+        check_group(&v2, Dtype::F16, &ada).unwrap();
+        assert!(has_fp8((10, 0)) && has_fp8((12, 0)) && !has_fp8((8, 6)));
+        // f32 activations cannot take FP8 products.
+        let e = check_group(&v2, Dtype::F32, &gpus(&[79]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("f32"), "{e}");
+        // A size that is not a multiple of 16: head_dim 28 x 3 heads = 84.
+        let mut odd = Params {
+            dim: 84,
+            n_heads: 3,
+            n_kv_heads: 3,
+            n_layers: 2,
+            vocab_size: 100,
+            seq_len: 4,
+            multiple_of: 32,
+            ..Params::default()
+        };
+        odd.use_fp8 = true;
+        let e = check_group(&odd, Dtype::F16, &gpus(&[79]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("dim is 84") && e.contains("multiples of 16"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn invalid_params_are_refused_before_any_memory_question() {
         let mut bad = Params::v1();
         bad.n_heads = 7;
         assert!(matches!(

@@ -12,8 +12,8 @@
 use super::gemm::GemmShape;
 use super::gpu::Gpu;
 use super::launch::attention::AttnShape;
-use super::launch::{attention as att, elementwise, rmsnorm as norm, rope as rot, tail};
-use super::model::{GpuLayer, GpuModel, Stage, StageScratch};
+use super::launch::{attention as att, elementwise, fp8, rmsnorm as norm, rope as rot, tail};
+use super::model::{GpuLayer, GpuModel, Stage, StageScratch, Weight};
 use crate::backend::BackendError;
 use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
@@ -47,9 +47,71 @@ impl Dims {
 }
 
 /// `dst[m, n] = round_T(x[m, k] . w[n, k]^T)` through cuBLASLt; row `i` of `x` starts
-/// `x_stride` values after row `i - 1`.
+/// `x_stride` values after row `i - 1`. An FP8 weight takes its input quantised to E4M3
+/// first (one scale for the whole input), then the FP8 product.
 #[allow(clippy::too_many_arguments)]
 fn linear(
+    gpu: &Gpu,
+    dtype: Dtype,
+    dst: u64,
+    x: u64,
+    m: usize,
+    x_stride: usize,
+    k: usize,
+    w: &Weight,
+    n: usize,
+    s: &StageScratch,
+) -> Result<(), BackendError> {
+    match w {
+        Weight::Dense(w) => linear_dense(gpu, dtype, dst, x, m, x_stride, k, w.ptr(), n),
+        Weight::Fp8 { data, scale } => {
+            if m == 0 || n == 0 {
+                return Ok(());
+            }
+            let q = s
+                .fp8
+                .as_ref()
+                .expect("an FP8 model's scratch has the quantisation buffers");
+            fp8::quantize_e4m3(
+                gpu,
+                dtype,
+                x,
+                m,
+                k,
+                x_stride,
+                q.amax.ptr(),
+                q.x8.ptr(),
+                q.x_scale.ptr(),
+            )?;
+            let shape = GemmShape {
+                dtype,
+                m,
+                n,
+                k,
+                x_stride: k,
+            };
+            // SAFETY: x8 holds the m * k quantised inputs just written (the scratch has room
+            // for the widest input), data the [n, k] E4M3 weight, the scales one f32 each,
+            // dst m * n values of the dtype; all on this GPU, alive until the stream is
+            // synchronised at the end of the batch.
+            unsafe {
+                gpu.gemm.linear_fp8(
+                    shape,
+                    dst,
+                    q.x8.ptr(),
+                    data.ptr(),
+                    q.x_scale.ptr(),
+                    scale.ptr(),
+                )
+            }
+            .map_err(|e| BackendError::Device(e.to_string()))
+        }
+    }
+}
+
+/// [`linear`] with a weight in the model dtype.
+#[allow(clippy::too_many_arguments)]
+fn linear_dense(
     gpu: &Gpu,
     dtype: Dtype,
     dst: u64,
@@ -105,8 +167,9 @@ fn ffn_block(
         rows,
         dim,
         dim,
-        lw.w1.ptr(),
+        &lw.w1,
         hidden,
+        s,
     )?;
     linear(
         gpu,
@@ -116,8 +179,9 @@ fn ffn_block(
         rows,
         dim,
         dim,
-        lw.w3.ptr(),
+        &lw.w3,
         hidden,
+        s,
     )?;
     elementwise::silu_mul(gpu, dtype, s.h1.ptr(), s.h3.ptr(), rows * hidden)?;
     linear(
@@ -128,8 +192,9 @@ fn ffn_block(
         rows,
         hidden,
         hidden,
-        lw.w2.ptr(),
+        &lw.w2,
         dim,
+        s,
     )?;
     elementwise::add(gpu, dtype, x, s.tmp.ptr(), rows * dim)
 }
@@ -178,8 +243,9 @@ fn block(
         m,
         dim,
         dim,
-        lw.wk.ptr(),
+        &lw.wk,
         kv_width,
+        s,
     )?;
     linear(
         gpu,
@@ -189,8 +255,9 @@ fn block(
         m,
         dim,
         dim,
-        lw.wv.ptr(),
+        &lw.wv,
         kv_width,
+        s,
     )?;
     rot::rope(gpu, dtype, s.k.ptr(), cos, sin, m, kv_width, hd, seq, 0)?;
     let qr = if last { 1 } else { seq };
@@ -206,8 +273,9 @@ fn block(
             batch,
             seq * dim,
             dim,
-            lw.wq.ptr(),
+            &lw.wq,
             q_width,
+            s,
         )?;
     } else {
         linear(
@@ -218,8 +286,9 @@ fn block(
             m,
             dim,
             dim,
-            lw.wq.ptr(),
+            &lw.wq,
             q_width,
+            s,
         )?;
     }
     rot::rope(
@@ -259,8 +328,9 @@ fn block(
         mq,
         q_width,
         q_width,
-        lw.wo.ptr(),
+        &lw.wo,
         dim,
+        s,
     )?;
     let x = if last {
         elementwise::gather_rows(
@@ -403,7 +473,7 @@ pub fn forward_logits(
                 d.dim,
                 d.eps,
             )?;
-            linear(
+            linear_dense(
                 gpu,
                 dtype,
                 t.logits.ptr(),

@@ -189,6 +189,8 @@ fn alignment(ptr: u64) -> u32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PlanKey {
     shape: GemmShape,
+    /// E4M3 inputs (`w` and `x`) with per-tensor scales, output in the shape's dtype.
+    fp8: bool,
     /// Alignment in bytes of `w` (cuBLASLt's A), `x` (B) and `dst` (C and D).
     align_w: u32,
     align_x: u32,
@@ -208,14 +210,6 @@ impl Drop for MatmulDesc {
 
 /// A matrix layout, destroyed when dropped.
 struct Layout(sys::cublasLtMatrixLayout_t);
-
-impl Layout {
-    fn new(dtype: Dtype, rows: usize, cols: usize, ld: usize) -> Result<Self, CublasError> {
-        // Shape::validate checked that every dimension fits an int64.
-        let ld = i64::try_from(ld).unwrap_or(i64::MAX);
-        lt::create_matrix_layout(data_type(dtype), rows as u64, cols as u64, ld).map(Self)
-    }
-}
 
 impl Drop for Layout {
     fn drop(&mut self) {
@@ -260,6 +254,7 @@ impl Plan {
         handle: sys::cublasLtHandle_t,
         workspace_bytes: usize,
         key: &PlanKey,
+        scales: Option<(u64, u64)>,
     ) -> Result<Self, GemmError> {
         let shape = key.shape;
         let fail = |op: &'static str| move |status| GemmError::Cublas { op, shape, status };
@@ -300,12 +295,25 @@ impl Plan {
             .map_err(fail("cublasLtMatmulDescSetAttribute"))?;
         }
 
-        let layout = |rows, cols, ld| {
-            Layout::new(dtype, rows, cols, ld).map_err(fail("cublasLtMatrixLayoutCreate"))
+        // FP8 plans carry their scale pointers before the heuristic sees the descriptor.
+        if let Some(scales) = scales {
+            set_scales(&desc, shape, scales)?;
+        }
+        let input_type = if key.fp8 {
+            sys::cudaDataType::CUDA_R_8F_E4M3
+        } else {
+            data_type(dtype)
         };
-        let a = layout(k, n, k)?;
-        let b = layout(k, m, x_stride)?;
-        let c = layout(n, m, n)?;
+        let layout = |ty, rows: usize, cols: usize, ld: usize| {
+            // Shape::validate checked that every dimension fits an int64.
+            let ld = i64::try_from(ld).unwrap_or(i64::MAX);
+            lt::create_matrix_layout(ty, rows as u64, cols as u64, ld)
+                .map(Layout)
+                .map_err(fail("cublasLtMatrixLayoutCreate"))
+        };
+        let a = layout(input_type, k, n, k)?;
+        let b = layout(input_type, k, m, x_stride)?;
+        let c = layout(data_type(dtype), n, m, n)?;
 
         let pref = lt::create_matmul_pref()
             .map(Preference)
@@ -385,6 +393,59 @@ impl Plan {
             algo: result.algo,
         })
     }
+}
+
+/// The rules of an FP8 product's shape (see [`Gemm::linear_fp8`]).
+fn check_fp8_shape(shape: &GemmShape) -> Result<(), GemmError> {
+    shape.validate()?;
+    let bad = |reason: String| {
+        Err(GemmError::Shape {
+            shape: *shape,
+            reason,
+        })
+    };
+    if shape.dtype == Dtype::F32 {
+        return bad("FP8 products write f16 or bf16, not f32".into());
+    }
+    if shape.k % 16 != 0 || shape.n % 16 != 0 {
+        return bad(format!(
+            "FP8 products need k and n multiples of 16 (k {}, n {})",
+            shape.k, shape.n
+        ));
+    }
+    if shape.x_stride != shape.k {
+        return bad("FP8 activations are quantised into contiguous rows".into());
+    }
+    Ok(())
+}
+
+/// Point an FP8 plan's descriptor at the f32 scales of A (the weight) and B (the
+/// activations) on the device; they change from product to product, so they are set before
+/// each one (under the plans' lock).
+fn set_scales(desc: &MatmulDesc, shape: GemmShape, (a, b): (u64, u64)) -> Result<(), GemmError> {
+    use sys::cublasLtMatmulDescAttributes_t as D;
+    for (attr, ptr) in [
+        (D::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, a),
+        (D::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, b),
+    ] {
+        let p = ptr as *const c_void;
+        // SAFETY: the descriptor is live; the attribute is a device pointer (`const void*`),
+        // copied by cuBLASLt from `p`, which outlives the call.
+        unsafe {
+            lt::set_matmul_desc_attribute(
+                desc.0,
+                attr,
+                (&p as *const *const c_void).cast(),
+                size_of::<*const c_void>(),
+            )
+        }
+        .map_err(|status| GemmError::Cublas {
+            op: "cublasLtMatmulDescSetAttribute",
+            shape,
+            status,
+        })?;
+    }
+    Ok(())
 }
 
 /// Whether libcublasLt can be loaded. cudarc panics on the first call into a library it
@@ -495,6 +556,7 @@ impl Gemm {
         shape.validate()?;
         let key = PlanKey {
             shape,
+            fp8: false,
             align_w: alignment(w),
             align_x: alignment(x),
             align_dst: alignment(dst),
@@ -510,13 +572,80 @@ impl Gemm {
             });
         }
 
+        // SAFETY: forwarded from the caller's guarantees; no scales for 16/32-bit inputs.
+        unsafe { self.enqueue(key, dst, x, w, None) }
+    }
+
+    /// Enqueues `dst = round_T((x_scale * x8) * (w_scale * w8)^T)`: the FP8 (E4M3) path of
+    /// Hopper and Blackwell (and Ada, sm_89) tensor cores. `x8` holds `m` rows of `k` E4M3
+    /// values (contiguous: `shape.x_stride` must be `k`), `w8` the `[n, k]` weight in E4M3,
+    /// `x_scale` / `w_scale` point to one f32 each on the device (the factors that turn the
+    /// stored values back into the tensors' own scale); accumulation in f32, `dst` in the
+    /// shape's dtype (f16 or bf16). cuBLASLt's FP8 kernels need the TN layout (which this is)
+    /// and `k` a multiple of 16.
+    ///
+    /// # Safety
+    /// As [`Gemm::linear`], with `x8` and `w8` holding `m * k` and `n * k` bytes, and the two
+    /// scale pointers one f32 each, all valid until the product has run.
+    pub unsafe fn linear_fp8(
+        &self,
+        shape: GemmShape,
+        dst: u64,
+        x8: u64,
+        w8: u64,
+        x_scale: u64,
+        w_scale: u64,
+    ) -> Result<(), GemmError> {
+        if shape.is_empty() {
+            return Ok(());
+        }
+        check_fp8_shape(&shape)?;
+        let bad = |reason: String| Err(GemmError::Shape { shape, reason });
+        let key = PlanKey {
+            shape,
+            fp8: true,
+            align_w: alignment(w8),
+            align_x: alignment(x8),
+            align_dst: alignment(dst),
+        };
+        if key.align_w.min(key.align_x) < 16 || key.align_dst < element_bytes(shape.dtype) as u32 {
+            return bad(format!(
+                "FP8 inputs must be 16-byte aligned (dst {dst:#x}, x {x8:#x}, w {w8:#x})"
+            ));
+        }
+        // SAFETY: forwarded from the caller's guarantees.
+        unsafe { self.enqueue(key, dst, x8, w8, Some((w_scale, x_scale))) }
+    }
+
+    /// Build (once) and enqueue the plan of `key`; `scales` are the device pointers of A's
+    /// (the weight's) and B's (the activations') f32 scale, for FP8 plans.
+    ///
+    /// # Safety
+    /// As [`Gemm::linear`] / [`Gemm::linear_fp8`].
+    unsafe fn enqueue(
+        &self,
+        key: PlanKey,
+        dst: u64,
+        x: u64,
+        w: u64,
+        scales: Option<(u64, u64)>,
+    ) -> Result<(), GemmError> {
+        let shape = key.shape;
         // cuBLASLt launches through the runtime, which works in the current context.
         self.stream.context().bind_to_thread()?;
         let mut plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
         let plan = match plans.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(Plan::build(self.handle, self.workspace.len(), &key)?),
+            Entry::Vacant(e) => e.insert(Plan::build(
+                self.handle,
+                self.workspace.len(),
+                &key,
+                scales,
+            )?),
         };
+        if let Some(scales) = scales {
+            set_scales(&plan.desc, shape, scales)?;
+        }
 
         let alpha: f32 = 1.0;
         let beta: f32 = 0.0;
@@ -844,6 +973,30 @@ pub fn forward_products(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fp8_shapes_follow_cublaslt_rules() {
+        let shape = |dtype, n, k, x_stride| GemmShape {
+            dtype,
+            m: 3,
+            n,
+            k,
+            x_stride,
+        };
+        // PARAMS_V2's products all qualify.
+        for (n, k) in [(1792, 1792), (49152, 1792), (1792, 49152)] {
+            check_fp8_shape(&shape(Dtype::F16, n, k, k)).unwrap();
+            check_fp8_shape(&shape(Dtype::Bf16, n, k, k)).unwrap();
+        }
+        let e = check_fp8_shape(&shape(Dtype::F32, 32, 32, 32)).unwrap_err();
+        assert!(e.to_string().contains("not f32"), "{e}");
+        let e = check_fp8_shape(&shape(Dtype::F16, 32, 28, 28)).unwrap_err();
+        assert!(e.to_string().contains("multiples of 16"), "{e}");
+        let e = check_fp8_shape(&shape(Dtype::F16, 20, 32, 32)).unwrap_err();
+        assert!(e.to_string().contains("n 20"), "{e}");
+        let e = check_fp8_shape(&shape(Dtype::F16, 32, 32, 64)).unwrap_err();
+        assert!(e.to_string().contains("contiguous"), "{e}");
+    }
     use crate::backend::cuda::cuda_available;
     use crate::pow::dtype::round_f64_via_f32;
     use cudarc::driver::CudaContext;

@@ -60,16 +60,19 @@ pub enum Family {
     Weights,
     /// Gather by permutation, normalise, distance, r_target filter.
     Tail,
+    /// Per-tensor E4M3 quantisation for the FP8 products.
+    Fp8,
 }
 
 impl Family {
-    pub const ALL: [Family; 6] = [
+    pub const ALL: [Family; 7] = [
         Self::Rmsnorm,
         Self::Rope,
         Self::Attention,
         Self::Elementwise,
         Self::Weights,
         Self::Tail,
+        Self::Fp8,
     ];
 
     /// The source file under `kernels/`.
@@ -81,6 +84,7 @@ impl Family {
             Self::Elementwise => "elementwise.cu",
             Self::Weights => "weights.cu",
             Self::Tail => "tail.cu",
+            Self::Fp8 => "fp8.cu",
         }
     }
 
@@ -93,6 +97,7 @@ impl Family {
             Self::Elementwise => include_str!("../../../kernels/elementwise.cu"),
             Self::Weights => include_str!("../../../kernels/weights.cu"),
             Self::Tail => include_str!("../../../kernels/tail.cu"),
+            Self::Fp8 => include_str!("../../../kernels/fp8.cu"),
         }
     }
 
@@ -114,6 +119,7 @@ impl Family {
             single("tail_distance"),
             single("tail_filter"),
         ];
+        const FP8: &[Kernel] = &[per_dtype("amax"), per_dtype("quantize_e4m3")];
         match self {
             Self::Rmsnorm => RMSNORM,
             Self::Rope => ROPE,
@@ -121,6 +127,7 @@ impl Family {
             Self::Elementwise => ELEMENTWISE,
             Self::Weights => WEIGHTS,
             Self::Tail => TAIL,
+            Self::Fp8 => FP8,
         }
     }
 

@@ -11,7 +11,7 @@
 //! one also holds the final norm, the output projection and the tail.
 
 use super::gpu::{storage_bytes, DevBuf, Gpu};
-use super::launch::{elementwise, weights as fill};
+use super::launch::{elementwise, fp8, weights as fill};
 use crate::backend::cpu::RopeTable;
 use crate::backend::BackendError;
 use crate::pow::dtype::Dtype;
@@ -26,16 +26,39 @@ const POOL_CHUNK: usize = 1 << 25;
 /// Device memory left free for cuBLASLt's workspace, the driver and fragmentation.
 pub const RESERVE_BYTES: u64 = 1 << 30;
 
-/// One transformer block's weights on a device (row-major `[out, in]`).
+/// A linear layer's weight on the device (row-major `[out, in]`): in the model dtype, or,
+/// for FP8 products (`use_fp8`), in E4M3 with its per-tensor scale (the largest magnitude
+/// over 448), quantised once when the model is built.
+#[derive(Debug)]
+pub enum Weight {
+    Dense(DevBuf),
+    Fp8 {
+        /// One byte per value.
+        data: DevBuf,
+        /// One f32 on the device.
+        scale: DevBuf,
+    },
+}
+
+impl Weight {
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weight::Dense(b) => b.bytes(),
+            Weight::Fp8 { data, scale } => data.bytes() + scale.bytes(),
+        }
+    }
+}
+
+/// One transformer block's weights on a device.
 #[derive(Debug)]
 pub struct GpuLayer {
-    pub wq: DevBuf,
-    pub wk: DevBuf,
-    pub wv: DevBuf,
-    pub wo: DevBuf,
-    pub w1: DevBuf,
-    pub w2: DevBuf,
-    pub w3: DevBuf,
+    pub wq: Weight,
+    pub wk: Weight,
+    pub wv: Weight,
+    pub wo: Weight,
+    pub w1: Weight,
+    pub w2: Weight,
+    pub w3: Weight,
     pub attention_norm: DevBuf,
     pub ffn_norm: DevBuf,
 }
@@ -90,6 +113,22 @@ pub fn stage_layers(n_layers: usize, n_gpus: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// Whether a parameter is a linear layer's weight of a block (FP8 when `use_fp8`; the
+/// output projection stays in the model dtype: it is small, and the logits are what the
+/// distance is made of).
+fn is_block_linear(kind: ParamKind) -> bool {
+    matches!(
+        kind,
+        ParamKind::Wq
+            | ParamKind::Wk
+            | ParamKind::Wv
+            | ParamKind::Wo
+            | ParamKind::W1
+            | ParamKind::W2
+            | ParamKind::W3
+    )
+}
+
 /// Bytes of the weights one stage holds.
 pub fn stage_weight_bytes(params: &Params, dtype: Dtype, layers: &Range<usize>, last: bool) -> u64 {
     let elem = storage_bytes(dtype) as u64;
@@ -99,8 +138,25 @@ pub fn stage_weight_bytes(params: &Params, dtype: Dtype, layers: &Range<usize>, 
             Some(l) => layers.contains(&l),
             None => last && matches!(s.kind, ParamKind::Norm | ParamKind::Output),
         })
-        .map(|s| s.numel() * elem)
+        .map(|s| {
+            if params.use_fp8 && is_block_linear(s.kind) {
+                s.numel() + 4
+            } else {
+                s.numel() * elem
+            }
+        })
         .sum()
+}
+
+/// The largest block weight's bytes in the model dtype (FP8 weights pass through it once,
+/// before quantisation).
+fn largest_block_weight_bytes(params: &Params, dtype: Dtype) -> u64 {
+    param_specs(params)
+        .iter()
+        .filter(|s| is_block_linear(s.kind))
+        .map(|s| s.numel() * storage_bytes(dtype) as u64)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Device bytes needed while a stage is built: its weights, the pool in the dtype, and the
@@ -113,7 +169,12 @@ pub fn stage_build_bytes(params: &Params, dtype: Dtype, layers: &Range<usize>, l
     } else {
         (POOL_CHUNK as u64).min(pool) * 4
     };
-    stage_weight_bytes(params, dtype, layers, last) + pool * elem + staging
+    let fp8_transit = if params.use_fp8 {
+        largest_block_weight_bytes(params, dtype)
+    } else {
+        0
+    };
+    stage_weight_bytes(params, dtype, layers, last) + pool * elem + staging + fp8_transit
 }
 
 /// Device bytes one nonce of a batch takes in the scratch buffers of a stage.
@@ -129,6 +190,10 @@ pub fn scratch_bytes_per_nonce(params: &Params, dtype: Dtype, first: bool, last:
     // x, xn, tmp (seq rows of dim), q, att (of q_width), k, v (of kv_width), h1, h3
     // (hidden), the compacted last row.
     let mut bytes = e * (seq * (3 * dim + 2 * qw + 2 * kvw + 2 * hidden) + dim);
+    if params.use_fp8 {
+        // The quantised activations of the widest product input.
+        bytes += seq * dim.max(qw).max(hidden);
+    }
     if first {
         bytes += 4 * seq * dim; // the f32 inputs as they arrive
     }
@@ -158,6 +223,18 @@ pub struct StageScratch {
     pub inputs: Option<DevBuf>,
     /// Last stage: the tail's buffers.
     pub tail: Option<TailScratch>,
+    /// FP8 models: the quantised activations of a product.
+    pub fp8: Option<Fp8Scratch>,
+}
+
+/// Where a product's input is quantised to E4M3 (FP8 models).
+#[derive(Debug)]
+pub struct Fp8Scratch {
+    /// The activations in E4M3, one byte each: room for the widest input.
+    pub x8: DevBuf,
+    /// Their largest magnitude (bits of an f32, one u32) and their scale (one f32).
+    pub amax: DevBuf,
+    pub x_scale: DevBuf,
 }
 
 /// The tail's buffers (last stage).
@@ -229,6 +306,15 @@ impl StageScratch {
                 None
             },
             tail,
+            fp8: if params.use_fp8 {
+                Some(Fp8Scratch {
+                    x8: gpu.alloc(1, m * dim.max(qw).max(hidden))?,
+                    amax: gpu.alloc(4, 1)?,
+                    x_scale: gpu.alloc(4, 1)?,
+                })
+            } else {
+                None
+            },
         })
     }
 }
@@ -277,7 +363,16 @@ impl GpuModel {
         for (s, (gpu, layers)) in gpus.iter().zip(ranges).enumerate() {
             let last = s + 1 == gpus.len();
             stages.push(build_stage(
-                gpu, block_hash, dtype, &pool, &specs, layers, last, &rope, &target,
+                gpu,
+                block_hash,
+                dtype,
+                params.use_fp8,
+                &pool,
+                &specs,
+                layers,
+                last,
+                &rope,
+                &target,
             )?);
         }
         let scratch = Mutex::new(Vec::new());
@@ -299,20 +394,12 @@ impl GpuModel {
                     .weights
                     .iter()
                     .map(|l| {
-                        [
-                            &l.wq,
-                            &l.wk,
-                            &l.wv,
-                            &l.wo,
-                            &l.w1,
-                            &l.w2,
-                            &l.w3,
-                            &l.attention_norm,
-                            &l.ffn_norm,
-                        ]
-                        .iter()
-                        .map(|b| b.bytes())
-                        .sum::<usize>()
+                        [&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3]
+                            .iter()
+                            .map(|w| w.bytes())
+                            .sum::<usize>()
+                            + l.attention_norm.bytes()
+                            + l.ffn_norm.bytes()
                     })
                     .sum();
                 let head = s
@@ -375,6 +462,7 @@ fn build_stage(
     gpu: &Arc<Gpu>,
     block_hash: &str,
     dtype: Dtype,
+    fp8: bool,
     pool: &[f32],
     specs: &[ParamSpec],
     layers: Range<usize>,
@@ -402,6 +490,30 @@ fn build_stage(
         )?;
         Ok(buf)
     };
+    let fp8_amax = if fp8 { Some(gpu.alloc(4, 1)?) } else { None };
+    let linear = |spec: &ParamSpec| -> Result<Weight, BackendError> {
+        let dense = make(spec)?;
+        let Some(amax) = &fp8_amax else {
+            return Ok(Weight::Dense(dense));
+        };
+        // Quantised from the dtype's values; the dense copy is freed (in stream order,
+        // after the quantisation has read it) when it drops here.
+        let numel = spec.numel() as usize;
+        let data = gpu.alloc(1, numel)?;
+        let scale = gpu.alloc(4, 1)?;
+        fp8::quantize_e4m3(
+            gpu,
+            dtype,
+            dense.ptr(),
+            1,
+            numel,
+            numel,
+            amax.ptr(),
+            data.ptr(),
+            scale.ptr(),
+        )?;
+        Ok(Weight::Fp8 { data, scale })
+    };
     let mut weights = Vec::with_capacity(layers.len());
     for l in layers.clone() {
         // Nine per layer, in named_parameters() order.
@@ -412,13 +524,13 @@ fn build_stage(
                 .expect("every layer has its nine parameters")
         };
         weights.push(GpuLayer {
-            wq: make(of(ParamKind::Wq))?,
-            wk: make(of(ParamKind::Wk))?,
-            wv: make(of(ParamKind::Wv))?,
-            wo: make(of(ParamKind::Wo))?,
-            w1: make(of(ParamKind::W1))?,
-            w2: make(of(ParamKind::W2))?,
-            w3: make(of(ParamKind::W3))?,
+            wq: linear(of(ParamKind::Wq))?,
+            wk: linear(of(ParamKind::Wk))?,
+            wv: linear(of(ParamKind::Wv))?,
+            wo: linear(of(ParamKind::Wo))?,
+            w1: linear(of(ParamKind::W1))?,
+            w2: linear(of(ParamKind::W2))?,
+            w3: linear(of(ParamKind::W3))?,
             attention_norm: make(of(ParamKind::AttentionNorm))?,
             ffn_norm: make(of(ParamKind::FfnNorm))?,
         });
@@ -513,6 +625,20 @@ mod tests {
         // About 58 MB of scratch per nonce in f16 (h1 and h3 dominate: 2 x 256 x 49152 x 2).
         let per = scratch_bytes_per_nonce(&p, Dtype::F16, true, true);
         assert!((50_000_000..70_000_000).contains(&per), "{per}");
+        // FP8: the seven block weights at one byte each (and a 4-byte scale), the norms and
+        // the output projection in f16.
+        let mut p8 = p.clone();
+        p8.use_fp8 = true;
+        let dim = p.dim as u64;
+        let vocab = p.vocab_size as u64;
+        let norms = 2 * (64 * 2 * dim + dim);
+        let output = 2 * vocab * dim;
+        let linear = total - emb - (64 * 2 * dim + dim) - vocab * dim;
+        assert_eq!(
+            stage_weight_bytes(&p8, Dtype::F16, &all, true),
+            linear + 64 * 7 * 4 + norms + output
+        );
+        assert!(scratch_bytes_per_nonce(&p8, Dtype::F16, true, true) > per);
         // The V2 build fits an 80 GB GPU with room for batches.
         let build = stage_build_bytes(&p, Dtype::F16, &all, true);
         assert!(build < 40 * (1u64 << 30), "{build}");

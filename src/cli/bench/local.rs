@@ -9,8 +9,8 @@ use super::{
     flop_per_nonce, non_embedding_params, unix_seconds, BenchArgs, GpuSampler, Progress,
     METRICS_FILE, PLOT_FILE,
 };
-use crate::cli::serve::DeviceChoice;
-use crate::engine::{Engine, EngineOptions, GenerateJob, Job, JobEvent, ModelSpec};
+use crate::cli::serve::{DeviceChoice, DtypeChoice};
+use crate::engine::{Device, Engine, EngineOptions, GenerateJob, Job, JobEvent, ModelSpec};
 use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
 use crate::telemetry::{sku, system, GpuMonitor};
@@ -40,6 +40,41 @@ pub fn devices(
     // GPUs grouped for the params being measured.
     crate::cli::serve::resolve_devices(choice, params)
 }
+
+/// The params a job of `params` runs with in `choice`: FP8 products for fp8, as the engine's
+/// [`Engine::job_params`] gives them with `EngineOptions::fp8`.
+pub fn job_params(params: &Params, choice: DtypeChoice) -> Params {
+    let mut p = params.clone();
+    p.use_fp8 |= choice.fp8();
+    p
+}
+
+/// Every dtype of `choices` checked on every device before anything is computed, so that one
+/// the devices cannot do (fp8 on the CPU) fails at once with the device's reason.
+pub fn check_dtypes(
+    devices: &[Arc<dyn Device>],
+    params: &Params,
+    params_source: &str,
+    choices: &[DtypeChoice],
+) -> anyhow::Result<()> {
+    for &choice in choices {
+        let p = job_params(params, choice);
+        for d in devices {
+            d.check(&p, choice.dtype()).map_err(|e| {
+                anyhow::anyhow!(
+                    "{params_source} in {} on {}: {e}",
+                    choice.as_str(),
+                    d.name()
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Why an fp8 row's efficiency is what it is: the peak table has 16-bit figures only.
+const FP8_PEAK_NOTE: &str =
+    "fp8: rated against the 16-bit dense peak (the peak table has no FP8 figures)";
 
 /// What one worker did in one configuration.
 #[derive(Default)]
@@ -99,6 +134,7 @@ pub fn run(
     if let Some(note) = &device_note {
         progress.line(note);
     }
+    check_dtypes(&devs, params, params_source, &args.dtypes)?;
     let started_unix = unix_seconds();
     let t_run = Instant::now();
     let flop = flop_per_nonce(params);
@@ -118,12 +154,8 @@ pub fn run(
         "latency_ms",
         "nonces_per_second",
     ])?;
-    let configs: Vec<(Dtype, u64)> = args
-        .dtypes
-        .iter()
-        .flat_map(|&d| args.batch_sizes.iter().map(move |&b| (d.dtype(), b)))
-        .collect();
-    let bar = progress.bar(configs.len() as u64);
+    let configs = args.dtypes.len() * args.batch_sizes.len();
+    let bar = progress.bar(configs as u64);
     let mut results = Vec::new();
     // The largest batch each configuration forwarded (parallel to `results`).
     let mut forward_batches: Vec<u64> = Vec::new();
@@ -134,25 +166,28 @@ pub fn run(
         Some(b) => b.println(s),
         None => progress.line(s),
     };
-    for &dtype in &args.dtypes {
-        let dtype = dtype.dtype();
+    for &choice in &args.dtypes {
+        // The activations' dtype (f16 for fp8) and the name rows, files and figures carry.
+        let dtype = choice.dtype();
+        let name = choice.as_str();
         let dtype_first = results.len();
         let engine = Engine::new(
             devs.clone(),
             EngineOptions {
                 dtype,
+                fp8: choice.fp8(),
                 model_cache: 1,
                 ..EngineOptions::default()
             },
         );
         engine
             .check(params)
-            .map_err(|e| anyhow::anyhow!("{params_source} in {dtype}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("{params_source} in {name}: {e}"))?;
         engine.warm_up();
         device_names = engine.device_names();
         for &bs in &args.batch_sizes {
             let effective = engine.effective_batch_size(params, bs);
-            let label = format!("{dtype} batch {bs}");
+            let label = format!("{name} batch {bs}");
             if let Some(b) = &bar {
                 b.set_message(format!("{label}: building / computing"));
             } else {
@@ -204,7 +239,7 @@ pub fn run(
                         w.latencies_ms.push(lat);
                         w.last_elapsed = w.last_elapsed.max(b.elapsed.as_secs_f64());
                         csv.write_record([
-                            dtype.as_str().to_owned(),
+                            name.to_owned(),
                             bs.to_string(),
                             b.worker_id.to_string(),
                             w.device.clone(),
@@ -267,6 +302,9 @@ pub fn run(
                     };
                     let tflops = r * flop / 1e12;
                     let (peak, sku_name, why) = peak_of(&w.device, &gpus, dtype);
+                    let why = why.or_else(|| {
+                        (choice.fp8() && peak.is_some()).then(|| FP8_PEAK_NOTE.to_owned())
+                    });
                     let peak_mem = w
                         .device
                         .strip_prefix("cuda:")
@@ -318,7 +356,7 @@ pub fn run(
                 effective
             });
             results.push(json!({
-                "dtype": dtype.as_str(),
+                "dtype": name,
                 "batch_size": bs,
                 "effective_batch_size": effective,
                 "batches": workers.iter().map(|w| w.batches).sum::<u64>(),
@@ -346,14 +384,14 @@ pub fn run(
             let nps = r["nonces_per_second"].as_f64().unwrap_or(0.0);
             let forward_seconds = r["batch_latency_ms"]["p50"].as_f64().map(|ms| ms / 1e3);
             if let Some(b) = &bar {
-                b.set_message(format!("{dtype}: measuring the ceiling"));
+                b.set_message(format!("{name}: measuring the ceiling"));
             }
             say(&format!(
-                "{dtype} ceiling: timing cuBLASLt on the forward's products for a batch of \
+                "{name} ceiling: timing cuBLASLt on the forward's products for a batch of \
                  {forward_batch} on cuda:{}",
                 ordinals[0]
             ));
-            let c = ceiling::report(
+            let mut c = ceiling::report(
                 params,
                 dtype,
                 bs,
@@ -362,19 +400,30 @@ pub fn run(
                 forward_seconds,
                 &ordinals,
             );
+            if choice.fp8() {
+                if let Some(obj) = c.as_object_mut() {
+                    obj.insert("products_dtype".into(), dtype.as_str().into());
+                    obj.insert(
+                        "note".into(),
+                        "fp8: the ceiling of the products in f16 (cuBLASLt's FP8 products are \
+                         not timed here), so fraction_of_ceiling may exceed 1"
+                            .into(),
+                    );
+                }
+            }
             match (c["error"].as_str(), c["fraction_of_ceiling"].as_f64()) {
-                (Some(e), _) => say(&format!("warning: {dtype} ceiling: {e}")),
+                (Some(e), _) => say(&format!("warning: {name} ceiling: {e}")),
                 (None, Some(f)) => say(&format!(
-                    "{dtype} ceiling: {:.1} TFLOP/s, {:.1} nonces/s per GPU; batch {bs} \
+                    "{name} ceiling: {:.1} TFLOP/s, {:.1} nonces/s per GPU; batch {bs} \
                      reached {:.1}% of it (goal {:.0}%)",
                     c["ceiling_tflops"].as_f64().unwrap_or(f64::NAN),
                     c["ceiling_nonces_per_second"].as_f64().unwrap_or(f64::NAN),
                     f * 100.0,
                     ceiling::GOAL_FRACTION_OF_CEILING * 100.0
                 )),
-                (None, None) => say(&format!("{dtype} ceiling: no throughput measured")),
+                (None, None) => say(&format!("{name} ceiling: no throughput measured")),
             }
-            ceilings.insert(dtype.as_str().to_owned(), c);
+            ceilings.insert(name.to_owned(), c);
         }
     }
     if let Some(b) = bar {
@@ -385,8 +434,7 @@ pub fn run(
     } else {
         Value::Object(ceilings)
     };
-    let dtypes: Vec<Dtype> = args.dtypes.iter().map(|&d| d.dtype()).collect();
-    let start = start_figures(&results, &dtypes);
+    let start = start_figures(&results, &args.dtypes);
     csv.flush()?;
     let shown = Path::new(params_source)
         .file_name()
@@ -451,7 +499,7 @@ fn ceiling_skipped_reason(device_note: Option<&str>) -> String {
 
 /// `report["start"]`: per dtype, the first batch's time after a cold build and after a
 /// cached model, from the sweep's results (in their order).
-pub fn start_figures(results: &[Value], dtypes: &[Dtype]) -> Value {
+pub fn start_figures(results: &[Value], dtypes: &[DtypeChoice]) -> Value {
     let mut out = serde_json::Map::new();
     for dtype in dtypes {
         if out.contains_key(dtype.as_str()) {
@@ -497,7 +545,7 @@ fn reference(
     results: &[Value],
     progress: &Progress,
 ) -> Value {
-    let dtype = args.dtypes[0].dtype();
+    let dtype = args.dtypes[0];
     let timeout = REFERENCE_MIN_TIMEOUT.max(args.seconds.saturating_mul(10));
     let batch_sizes: Vec<String> = args.batch_sizes.iter().map(u64::to_string).collect();
     let env = [
@@ -787,7 +835,7 @@ mod tests {
             r("f16", 32, true, 0.9),
             r("bf16", 4, false, 6.0),
         ];
-        let s = start_figures(&results, &[Dtype::F16, Dtype::Bf16]);
+        let s = start_figures(&results, &[DtypeChoice::F16, DtypeChoice::Bf16]);
         let f = &s["f16"];
         assert_eq!(f["cold_seconds"], 3.0);
         assert_eq!(f["cold_batch_size"], 1);

@@ -6,6 +6,15 @@
 //! Poisson process meanwhile. Either way the folder holds `report.json`, `metrics.csv`,
 //! `gpu.csv` (NVML samples every 500 ms; only a header without GPUs) and
 //! `throughput_latency.png`; `--json` prints the report on standard output and nothing else.
+//! With `--agreement` ([`agreement`]) it compares dtypes instead of sweeping them (below).
+//!
+//! `--dtypes` takes f32, f16, bf16 and fp8. fp8 is f16 activations with the matrix products in
+//! FP8, as `serve --dtype fp8` runs it: every job's params get `use_fp8: true`. Its rows,
+//! `metrics.csv` lines and `start` / `ceiling` / `reference` entries are labelled `fp8`; its
+//! efficiency is rated against the 16-bit dense peak (with an `efficiency_note`), and its
+//! `ceiling` is the f16 products' (`products_dtype`, `note`). Every dtype is checked on every
+//! device before anything is computed: a device without FP8 (the CPU) fails the bench at once
+//! with its reason.
 //!
 //! Besides the sweep's `results` (one object per configuration) and `best`, a local run's
 //! report states the figures the CUDA backend is judged by, all measured in the same process:
@@ -43,7 +52,44 @@
 //!   `timeout_seconds` and `raw` (the object as printed). A command that fails, times out or
 //!   prints no such object gives `{"command", "error", "timeout_seconds"}` and a warning on
 //!   standard error, not a failed bench. Null when no command was given.
+//!
+//! # `--agreement`
+//!
+//! `llama-pow bench --agreement --params v2 --device cuda --dtypes f16,bf16,fp8 --nonces 10000`
+//! computes nonces 0..`--nonces` (default 10000; at least 2) in each dtype of `--dtypes` on
+//! the first device of `--device`, in batches of the first `--batch-sizes` value (cut to what
+//! the device takes), and compares every dtype after the first with the first, the baseline
+//! (the path validators recompute is f16). Per dtype: every dtype checked first (fp8 on the
+//! CPU fails here, with the device's reason), the model built (timed), one untimed warm-up
+//! batch, then the nonces with every distance kept (`run_batch` with `all_distances`); the
+//! rate is nonces per second of device time (the `run_batch` calls; drawing the inputs on the
+//! host is `prepare_seconds`, apart). Not with `--server` or `--reference-command`; `--seconds`
+//! and `--r-target` are not used. The report has `mode: "agreement"` (no `results`, `best`,
+//! `start` or `ceiling`) and `report["agreement"]`:
+//!
+//! - `baseline` (its dtype), `nonces`, `start_nonce` (0), `device`, `batch_size` (requested),
+//!   `valid_one_in` (500), `valid_target` (k = max(1, round(nonces / 500)), halves up),
+//!   `r_target` (the midpoint between the baseline's k-th and (k+1)-th smallest distances, so
+//!   that exactly k nonces are valid in it, fewer only on a tie), `valid_in_baseline`,
+//!   `goal_flip_rate` (1e-4);
+//! - `runs`, one per dtype in `--dtypes` order: `dtype`, `batch_size` (as computed),
+//!   `model_build_seconds`, `compute_seconds`, `prepare_seconds`, `nonces_per_second`,
+//!   `valid` (at `r_target`);
+//! - `rows`, one per dtype after the baseline: `dtype`, `baseline`, `nonces_per_second`,
+//!   `baseline_nonces_per_second`, `nonces_per_second_ratio` (dtype / baseline),
+//!   `max_abs_diff`, `p99_abs_diff` (linear interpolation, numpy's default), `mean_abs_diff`
+//!   and `mean_diff` (dtype - baseline, signed) of the distances, over the nonces whose
+//!   difference is finite (`non_finite` counts the others), `valid_baseline`, `valid`,
+//!   `valid_only_in_baseline`, `valid_only_in_dtype`, `flips` (their sum), `flip_rate`
+//!   (flips / nonces), `goal_flip_rate`, `meets_goal` (flip_rate < 1e-4), and
+//!   `largest_diffs`: the 5 largest differences (`nonce`, `baseline_dist`, `dist`, `diff`);
+//! - `markdown`: the table printed on standard error (unless `--json`), the baseline's row
+//!   then one per dtype.
+//!
+//! The folder holds `report.json`, `gpu.csv` and `agreement.csv` (a row per nonce: `nonce`,
+//! then the distance in each dtype).
 
+pub mod agreement;
 pub mod ceiling;
 pub mod local;
 pub mod plot;
@@ -133,6 +179,15 @@ pub struct BenchArgs {
     /// LLAMA_POW_BENCH_R_TARGET, and is killed after max(60, 10 x --seconds) seconds.
     #[arg(long)]
     pub reference_command: Option<String>,
+    /// Instead of the sweep: compute the same nonces in every dtype of --dtypes on the first
+    /// device and compare each with the first dtype (the baseline): nonces/s, distance
+    /// differences, and proofs that flip at an r_target making 1 nonce in 500 valid.
+    #[arg(long)]
+    pub agreement: bool,
+    /// --agreement: nonces to compute in each dtype (from nonce 0).
+    #[arg(long, default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(2..=100_000_000))]
+    pub nonces: u64,
 }
 
 /// Run the bench; the report is returned (and printed by the caller when `--json`).
@@ -154,6 +209,20 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
             anyhow::bail!("--reference-command: expected a shell command");
         }
     }
+    if args.agreement {
+        if args.server.is_some() {
+            anyhow::bail!("--agreement: local runs only, not with --server");
+        }
+        if args.reference_command.is_some() {
+            anyhow::bail!("--agreement: not with --reference-command (a sweep's figure)");
+        }
+        if args.dtypes.len() < 2 {
+            anyhow::bail!(
+                "--agreement: --dtypes needs the baseline and at least one dtype to compare \
+                 with it, e.g. --dtypes f16,bf16,fp8"
+            );
+        }
+    }
     let (params, params_source) = load_params(&args.params)?;
     let out = match &args.out {
         Some(p) => p.clone(),
@@ -166,6 +235,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
     let sampler = GpuSampler::start(monitor.clone(), &out.join(GPU_FILE))?;
     let result = match &args.server {
         Some(_) => server::run(args, &params, &params_source, &out, &progress),
+        None if args.agreement => agreement::run(args, &params, &params_source, &out, &progress),
         None => local::run(args, &params, &params_source, &out, &progress, &sampler),
     };
     let samples = sampler.stop();

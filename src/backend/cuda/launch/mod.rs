@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod elementwise;
+pub mod fp8;
 pub mod rmsnorm;
 pub mod rope;
 pub mod tail;
