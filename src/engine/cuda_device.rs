@@ -135,7 +135,7 @@ fn check_fp8(params: &Params, dtype: Dtype, gpus: &[GroupGpu]) -> Result<(), Bac
         ("n_kv_heads * head_dim", params.n_kv_heads_usize() * hd),
         ("the FFN hidden size", params.ffn_hidden()),
     ];
-    if let Some((what, v)) = sizes.iter().find(|(_, v)| v % 16 != 0) {
+    if let Some((what, v)) = sizes.iter().find(|(_, v)| !v.is_multiple_of(16)) {
         return Err(BackendError::Unsupported(format!(
             "params.use_fp8: {what} is {v}, and FP8 products need multiples of 16; send \
              use_fp8 false"

@@ -407,7 +407,7 @@ fn check_fp8_shape(shape: &GemmShape) -> Result<(), GemmError> {
     if shape.dtype == Dtype::F32 {
         return bad("FP8 products write f16 or bf16, not f32".into());
     }
-    if shape.k % 16 != 0 || shape.n % 16 != 0 {
+    if !shape.k.is_multiple_of(16) || !shape.n.is_multiple_of(16) {
         return bad(format!(
             "FP8 products need k and n multiples of 16 (k {}, n {})",
             shape.k, shape.n
