@@ -254,3 +254,152 @@ fn bench_reports_the_reference_the_ceiling_and_the_start() {
         .contains("not JSON"));
     assert!(String::from_utf8_lossy(&out.stderr).contains("warning: --reference-command"));
 }
+
+#[test]
+fn bench_agreement_compares_dtypes_with_the_baseline() {
+    let dir = std::env::temp_dir().join(format!("llama-pow-cli-agree-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let params = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.json");
+    let run_dir = dir.join("run");
+    let out = run(
+        &[
+            "bench",
+            "--agreement",
+            "--params",
+            params,
+            "--device",
+            "cpu",
+            "--dtypes",
+            "f32,f16,bf16",
+            "--nonces",
+            "300",
+            "--batch-sizes",
+            "64",
+            "--json",
+            "--out",
+            run_dir.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // --json: the report on standard output, nothing on standard error.
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let csv = std::fs::read_to_string(run_dir.join("agreement.csv")).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(v["mode"], "agreement");
+    let a = &v["agreement"];
+    assert_eq!(a["baseline"], "f32");
+    assert_eq!(a["nonces"], 300);
+    assert_eq!(a["device"], "cpu");
+    // round(300 / 500) = 1, and at least one: one valid nonce in the baseline.
+    assert_eq!(a["valid_target"], 1);
+    assert_eq!(a["valid_in_baseline"], 1);
+    let r = a["r_target"].as_f64().unwrap();
+    assert!(r.is_finite() && r > 0.0, "{a}");
+    assert_eq!(a["runs"].as_array().unwrap().len(), 3);
+    let rows = a["rows"].as_array().unwrap();
+    let dtypes: Vec<&str> = rows.iter().map(|r| r["dtype"].as_str().unwrap()).collect();
+    assert_eq!(dtypes, ["f16", "bf16"]);
+    for row in rows {
+        assert_eq!(row["baseline"], "f32");
+        assert_eq!(row["valid_baseline"], 1);
+        let max = row["max_abs_diff"].as_f64().unwrap();
+        let p99 = row["p99_abs_diff"].as_f64().unwrap();
+        assert!(max > 0.0 && p99 <= max, "{row}");
+        assert!(row["mean_diff"].as_f64().unwrap().abs() <= max, "{row}");
+        assert!(row["nonces_per_second"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(
+            row["nonces_per_second_ratio"].as_f64().unwrap() > 0.0,
+            "{row}"
+        );
+        let flips = row["flips"].as_u64().expect("an integer count of flips");
+        assert_eq!(
+            flips,
+            row["valid_only_in_baseline"].as_u64().unwrap()
+                + row["valid_only_in_dtype"].as_u64().unwrap()
+        );
+        assert_eq!(row["flip_rate"].as_f64().unwrap(), flips as f64 / 300.0);
+        assert_eq!(row["goal_flip_rate"], 1e-4);
+        assert_eq!(row["meets_goal"], flips == 0);
+        let largest = row["largest_diffs"].as_array().unwrap();
+        assert_eq!(largest.len(), 5);
+        assert_eq!(largest[0]["diff"].as_f64().unwrap().abs(), max);
+    }
+    // f16 against f32: close, but not the same.
+    assert!(
+        rows[0]["max_abs_diff"].as_f64().unwrap() < 1e-3,
+        "{}",
+        rows[0]
+    );
+    let table = a["markdown"].as_str().unwrap();
+    assert!(table.contains("| f32 (baseline) |"), "{table}");
+    assert!(table.contains("| bf16 |"), "{table}");
+    // A row per nonce, a column per dtype.
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "nonce,f32,f16,bf16");
+    assert_eq!(lines.len(), 301);
+
+    // FP8 on the CPU: refused before anything is computed, in one line.
+    let out = run(
+        &[
+            "bench",
+            "--agreement",
+            "--params",
+            params,
+            "--device",
+            "cpu",
+            "--dtypes",
+            "f16,fp8",
+            "--nonces",
+            "300",
+            "--out",
+            dir.join("fp8").to_str().unwrap(),
+        ],
+        "",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(err.contains("use_fp8") && err.contains("FP8"), "{err:?}");
+    assert!(err.contains("in fp8"), "{err:?}");
+}
+
+#[test]
+fn bench_sweep_of_fp8_on_the_cpu_fails_with_the_reason() {
+    let dir = std::env::temp_dir().join(format!("llama-pow-cli-fp8-{}", std::process::id()));
+    let params = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.json");
+    let out = run(
+        &[
+            "bench",
+            "--params",
+            params,
+            "--device",
+            "cpu",
+            "--dtypes",
+            "f16,fp8",
+            "--seconds",
+            "0.2",
+            "--batch-sizes",
+            "2",
+            "--out",
+            dir.join("run").to_str().unwrap(),
+        ],
+        "",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Checked before the sweep: no f16 configuration ran, and fp8 was not run as f16.
+    assert!(!err.contains("f16 batch 2"), "{err:?}");
+    assert!(err.contains("in fp8") && err.contains("use_fp8"), "{err:?}");
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 /// Compute every nonce of the request on `device`, in batches of its batch_size.
 pub fn run(req: &ComputeRequest, device: DeviceChoice) -> anyhow::Result<BatchResult> {
     let p = &req.proof;
-    let (devices, note) = resolve_devices(device, &p.params)?;
+    let (devices, note) = resolve_devices(device, &p.params, false)?;
     if let Some(note) = note {
         eprintln!("{note}");
     }

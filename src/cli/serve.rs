@@ -126,6 +126,10 @@ pub struct ServeArgs {
     #[arg(long, env = "LLAMA_POW_GROUP_FOR", default_value = "v2",
           value_parser = ["v1", "v2"])]
     pub group_for: String,
+    /// Replay each batch size's launch sequence on a GPU as a captured CUDA graph (one launch
+    /// per batch instead of thousands; single-GPU groups). Off until measured on a GPU.
+    #[arg(long, env = "LLAMA_POW_CUDA_GRAPHS")]
+    pub cuda_graphs: bool,
     /// HTTP worker threads.
     #[arg(long, env = "LLAMA_POW_HTTP_WORKERS", default_value_t = 2,
           value_parser = clap::value_parser!(u64).range(1..=64))]
@@ -163,7 +167,8 @@ impl ServeArgs {
     /// When `auto` falls back to the CPU, a warning saying why is logged (call after
     /// logging is set up).
     pub fn devices(&self) -> anyhow::Result<Vec<Arc<dyn Device>>> {
-        let (devices, note) = resolve_devices(self.device, &self.group_params()?)?;
+        let (devices, note) =
+            resolve_devices(self.device, &self.group_params()?, self.cuda_graphs)?;
         if let Some(note) = note {
             tracing::warn!("{note}");
         }
@@ -227,17 +232,18 @@ pub type ResolvedDevices = (Vec<Arc<dyn Device>>, Option<String>);
 ///
 /// `auto` falls back to the CPU, with a note saying why, when no group can be formed or a
 /// GPU cannot be brought up; `cuda` fails instead (no group at all is the reference's fatal
-/// NotEnoughGPUResources).
+/// NotEnoughGPUResources). `cuda_graphs` turns on CUDA graph replay in the GPU devices.
 pub fn resolve_devices(
     choice: DeviceChoice,
     group_for: &Params,
+    cuda_graphs: bool,
 ) -> anyhow::Result<ResolvedDevices> {
     let gpus = match plan_devices(choice, cuda::cuda_available, cuda::HAS_FORWARD) {
         Ok(DevicePlan::Cpu { note }) => return Ok((vec![Arc::new(CpuDevice::new())], note)),
         Ok(DevicePlan::Cuda(gpus)) => gpus,
         Err(why) => return Err(anyhow::anyhow!(why)),
     };
-    match cuda_devices(&gpus, group_for) {
+    match cuda_devices(&gpus, group_for, cuda_graphs) {
         Ok((devices, note)) => Ok((devices, note)),
         Err(why) if choice == DeviceChoice::Cuda => Err(anyhow::anyhow!("--device cuda: {why}")),
         Err(why) => Ok((
@@ -250,7 +256,11 @@ pub fn resolve_devices(
 }
 
 /// One [`CudaDevice`] per GPU group, and a note naming the GPUs no group could use.
-fn cuda_devices(gpus: &[GpuInfo], group_for: &Params) -> Result<ResolvedDevices, String> {
+fn cuda_devices(
+    gpus: &[GpuInfo],
+    group_for: &Params,
+    cuda_graphs: bool,
+) -> Result<ResolvedDevices, String> {
     let seen: Vec<GroupDevice> = gpus.iter().map(GroupDevice::from).collect();
     let grouping = groups_for(group_for, &seen)
         .map_err(|e| format!("{}: {e}", NotEnoughGPUResources::ERROR_TYPE))?;
@@ -262,7 +272,8 @@ fn cuda_devices(gpus: &[GpuInfo], group_for: &Params) -> Result<ResolvedDevices,
             .filter_map(|o| gpus.iter().find(|g| g.ordinal == *o).cloned())
             .collect();
         let device = CudaDevice::open(&infos)
-            .map_err(|e| format!("{} could not be brought up: {e}", group.name()))?;
+            .map_err(|e| format!("{} could not be brought up: {e}", group.name()))?
+            .with_graphs(cuda_graphs);
         devices.push(Arc::new(device));
     }
     let note = (!grouping.left_out.is_empty()).then(|| {
@@ -434,7 +445,7 @@ mod tests {
     #[test]
     fn this_machine_resolves_without_panicking() {
         let v2 = Params::v2();
-        let (devices, note) = resolve_devices(DeviceChoice::Auto, &v2).unwrap();
+        let (devices, note) = resolve_devices(DeviceChoice::Auto, &v2, false).unwrap();
         assert!(!devices.is_empty());
         match cuda::cuda_available() {
             Err(why) => {
@@ -442,7 +453,7 @@ mod tests {
                 assert_eq!(devices.len(), 1);
                 assert_eq!(devices[0].name(), "cpu");
                 assert!(note.unwrap().contains(&why.to_string()));
-                let e = resolve_devices(DeviceChoice::Cuda, &v2)
+                let e = resolve_devices(DeviceChoice::Cuda, &v2, false)
                     .err()
                     .unwrap()
                     .to_string();

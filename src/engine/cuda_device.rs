@@ -17,6 +17,8 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct CudaDevice {
     gpus: Vec<Arc<Gpu>>,
+    /// Replay each batch size's launch sequence as a captured CUDA graph (`--cuda-graphs`).
+    graphs: bool,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -34,7 +36,17 @@ impl CudaDevice {
     /// A group of GPUs already brought up (shared with other groupings of the same GPUs).
     pub fn from_gpus(gpus: Vec<Arc<Gpu>>) -> Self {
         assert!(!gpus.is_empty(), "a GPU group has at least one GPU");
-        CudaDevice { gpus }
+        CudaDevice {
+            gpus,
+            graphs: false,
+        }
+    }
+
+    /// Capture each batch size's launch sequence into a CUDA graph and replay it (single-GPU
+    /// groups; off by default).
+    pub fn with_graphs(mut self, on: bool) -> Self {
+        self.graphs = on;
+        self
     }
 
     pub fn gpus(&self) -> &[Arc<Gpu>] {
@@ -193,7 +205,7 @@ impl Device for CudaDevice {
         }
         let mut scratch = m.scratch.lock().unwrap_or_else(|e| e.into_inner());
         forward::ensure_scratch(m, &mut scratch, batch)?;
-        forward::forward_logits(m, &scratch, inputs, batch)?;
+        forward::forward_logits(m, &scratch, inputs, batch, self.graphs)?;
         forward::logits_to_host(m, &scratch, batch)
     }
 
@@ -213,7 +225,7 @@ impl Device for CudaDevice {
         forward::ensure_scratch(m, &mut scratch, n)?;
         // Queue the forward pass first: the permutations are laid out on the host while the
         // GPUs work.
-        forward::forward_logits(m, &scratch, &batch.inputs, n)?;
+        forward::forward_logits(m, &scratch, &batch.inputs, n, self.graphs)?;
         let vocab = m.params.vocab_usize();
         let mut perm = Vec::with_capacity(n * vocab);
         for p in &batch.permutations {

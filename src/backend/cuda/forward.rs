@@ -361,7 +361,11 @@ pub fn ensure_scratch(
     if scratch.len() == n && scratch.iter().all(|s| s.capacity >= batch) {
         return Ok(());
     }
-    // Free the old buffers before asking for the larger ones.
+    // Free the old buffers (and the graphs that use them) before asking for the larger
+    // ones, once nothing queued uses them any more.
+    for stage in &model.stages {
+        stage.gpu.sync()?;
+    }
     scratch.clear();
     for stage in &model.stages {
         stage.gpu.sync()?;
@@ -388,14 +392,18 @@ pub fn ensure_scratch(
 /// The forward pass of `batch` nonces' `inputs` (`batch * seq_len * dim` f32 values, exact
 /// in the model dtype), leaving the last position's logits in the last stage's
 /// `tail.logits` (dtype, `batch * vocab`). The scratch must hold `batch` nonces.
+///
+/// With `graphs` (and a single GPU), the launch sequence after the inputs' copy is captured
+/// once per batch size into a CUDA graph and replayed: one launch instead of a few thousand.
+/// A sequence that cannot be captured runs as it is, and is not tried again.
 pub fn forward_logits(
     model: &GpuModel,
     scratch: &[StageScratch],
     inputs: &[f32],
     batch: usize,
+    graphs: bool,
 ) -> Result<(), BackendError> {
     let d = Dims::of(&model.params);
-    let dtype = model.dtype;
     let m = batch * d.seq;
     assert_eq!(
         inputs.len(),
@@ -403,12 +411,93 @@ pub fn forward_logits(
         "inputs must hold batch * seq_len * dim values"
     );
     let first = &model.stages[0];
+    let staged = scratch[0]
+        .inputs
+        .as_ref()
+        .expect("the first stage has an input buffer");
+    first.gpu.copy_in(inputs, staged, 0)?;
+    if graphs && model.stages.len() == 1 {
+        replay_or_capture(model, scratch, batch)
+    } else {
+        queue_forward(model, scratch, batch)
+    }
+}
+
+/// Launch the captured graph of `batch`, capturing it first when there is none yet.
+fn replay_or_capture(
+    model: &GpuModel,
+    scratch: &[StageScratch],
+    batch: usize,
+) -> Result<(), BackendError> {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let gpu = &*model.stages[0].gpu;
+    let mut graphs = scratch[0]
+        .graphs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    match graphs.get(&batch) {
+        Some(Some(g)) => return g.0.launch().map_err(|e| gpu.err("launching the graph", e)),
+        Some(None) => return queue_forward(model, scratch, batch),
+        None => {}
+    }
+    gpu.stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .map_err(|e| gpu.err("starting a graph capture", e))?;
+    let queued = queue_forward(model, scratch, batch);
+    let captured = gpu.stream.end_capture(CUgraphInstantiate_flags(0));
+    match (queued, captured) {
+        (Ok(()), Ok(Some(g))) => {
+            g.launch().map_err(|e| gpu.err("launching the graph", e))?;
+            graphs.insert(batch, Some(SendGraph(g)));
+            Ok(())
+        }
+        (queued, captured) => {
+            let why = match (&queued, &captured) {
+                (Err(e), _) => e.to_string(),
+                (_, Err(e)) => e.to_string(),
+                _ => "the capture was empty".to_string(),
+            };
+            tracing::warn!(
+                "{}: batches of {batch} run without a CUDA graph: {why}",
+                gpu.info.device_name()
+            );
+            graphs.insert(batch, None);
+            // Nothing captured ran: queue it for real.
+            gpu.sync()?;
+            queue_forward(model, scratch, batch)
+        }
+    }
+}
+
+/// A captured graph, kept with the scratch buffers whose addresses it holds.
+pub struct SendGraph(pub cudarc::driver::CudaGraph);
+
+// SAFETY: a graph is a driver object that may be used from any thread, one at a time; it is
+// only ever used under its scratch buffers' mutex (and the model's scratch lock around it).
+unsafe impl Send for SendGraph {}
+
+impl std::fmt::Debug for SendGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CudaGraph")
+    }
+}
+
+/// Queue the forward pass after the inputs' copy: the inputs into the dtype, every block,
+/// the final norm and the output projection.
+fn queue_forward(
+    model: &GpuModel,
+    scratch: &[StageScratch],
+    batch: usize,
+) -> Result<(), BackendError> {
+    let d = Dims::of(&model.params);
+    let dtype = model.dtype;
+    let m = batch * d.seq;
+    let first = &model.stages[0];
     let s0 = &scratch[0];
     let staged = s0
         .inputs
         .as_ref()
         .expect("the first stage has an input buffer");
-    first.gpu.copy_in(inputs, staged, 0)?;
     elementwise::from_f32(&first.gpu, dtype, staged.ptr(), s0.x.ptr(), m * d.dim)?;
     let n_layers = model.params.n_layers_usize();
     let n_stages = model.stages.len();

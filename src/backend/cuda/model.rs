@@ -18,6 +18,8 @@ use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
 use crate::pow::proof;
 use crate::pow::weights::{self, name_hash, param_specs, ParamKind, ParamSpec, PoolSlice};
+use super::forward::SendGraph;
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -225,6 +227,9 @@ pub struct StageScratch {
     pub tail: Option<TailScratch>,
     /// FP8 models: the quantised activations of a product.
     pub fp8: Option<Fp8Scratch>,
+    /// Captured launch sequences per batch size (None: capture failed, run directly); they
+    /// hold these buffers' addresses, so they live and die with them.
+    pub graphs: Mutex<HashMap<usize, Option<SendGraph>>>,
 }
 
 /// Where a product's input is quantised to E4M3 (FP8 models).
@@ -315,6 +320,7 @@ impl StageScratch {
             } else {
                 None
             },
+            graphs: Mutex::new(HashMap::new()),
         })
     }
 }

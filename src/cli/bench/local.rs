@@ -38,7 +38,7 @@ pub fn devices(
     params: &Params,
 ) -> anyhow::Result<crate::cli::serve::ResolvedDevices> {
     // GPUs grouped for the params being measured.
-    crate::cli::serve::resolve_devices(choice, params)
+    crate::cli::serve::resolve_devices(choice, params, false)
 }
 
 /// The params a job of `params` runs with in `choice`: FP8 products for fp8, as the engine's
