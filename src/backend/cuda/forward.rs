@@ -431,10 +431,7 @@ fn replay_or_capture(
 ) -> Result<(), BackendError> {
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let gpu = &*model.stages[0].gpu;
-    let mut graphs = scratch[0]
-        .graphs
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut graphs = scratch[0].graphs.lock().unwrap_or_else(|e| e.into_inner());
     match graphs.get(&batch) {
         Some(Some(g)) => return g.0.launch().map_err(|e| gpu.err("launching the graph", e)),
         Some(None) => return queue_forward(model, scratch, batch),

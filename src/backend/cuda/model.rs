@@ -10,6 +10,7 @@
 //! A group of several GPUs splits the layers into consecutive stages, one per GPU; the last
 //! one also holds the final norm, the output projection and the tail.
 
+use super::forward::SendGraph;
 use super::gpu::{storage_bytes, DevBuf, Gpu};
 use super::launch::{elementwise, fp8, weights as fill};
 use crate::backend::cpu::RopeTable;
@@ -18,7 +19,6 @@ use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
 use crate::pow::proof;
 use crate::pow::weights::{self, name_hash, param_specs, ParamKind, ParamSpec, PoolSlice};
-use super::forward::SendGraph;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};

@@ -301,9 +301,10 @@ fn compute(
     Ok(r)
 }
 
-/// A number for the table: three significant digits in scientific notation, or "n/a".
+/// A number for the table: three significant digits in scientific notation, 0, or "n/a".
 fn sci(x: Option<f64>) -> String {
     match x {
+        Some(0.0) => "0".to_owned(),
         Some(x) if x.is_finite() => format!("{x:.2e}"),
         _ => "n/a".to_owned(),
     }
@@ -470,17 +471,18 @@ pub fn run(
             .into_iter()
             .flatten()
             .map(|d| {
+                let f = |k: &str| d[k].as_f64().unwrap_or(f64::NAN);
                 format!(
-                    "nonce {} ({base_name} {}, {} {})",
+                    "nonce {}: {:.6} vs {:.6} ({:+.2e})",
                     d["nonce"],
-                    d["baseline_dist"],
-                    r["dtype"].as_str().unwrap_or("?"),
-                    d["dist"]
+                    f("baseline_dist"),
+                    f("dist"),
+                    f("diff")
                 )
             })
             .collect();
         progress.line(&format!(
-            "{} largest differences: {}",
+            "{} against {base_name}, the largest differences: {}",
             r["dtype"].as_str().unwrap_or("?"),
             shown.join("; ")
         ));
@@ -537,7 +539,7 @@ mod tests {
         let d = [0.9, 0.3, 0.5, f64::NAN, 0.1, 0.7];
         assert_eq!(r_target_for(&d, 1), Some(0.2));
         assert_eq!(r_target_for(&d, 2), Some(0.4));
-        // Four finite distances after the NaN is left out: no fifth to stop at.
+        // Five finite distances once the NaN is left out: no sixth to stop at for k = 5.
         assert_eq!(r_target_for(&d, 4), Some(0.8));
         assert_eq!(r_target_for(&d, 5), None);
         assert_eq!(r_target_for(&d, 0), None);
@@ -636,5 +638,8 @@ mod tests {
             lines[5],
             "| bf16 | 1100.0 | 1.10 | 3.00e-3 | 1.00e-3 | -1.00e-5 | 21 | 1 | 1.00e-4 (no) |"
         );
+        assert_eq!(sci(Some(0.0)), "0");
+        assert_eq!(sci(Some(f64::NAN)), "n/a");
+        assert_eq!(sci(None), "n/a");
     }
 }

@@ -344,7 +344,7 @@ pub fn run(
             }
             if let Some(l) = lat {
                 points.push(LocalPoint {
-                    dtype,
+                    dtype: name,
                     batch_size: bs,
                     nonces_per_second: rate,
                     latency: l,

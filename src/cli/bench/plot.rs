@@ -3,7 +3,6 @@
 
 use super::stats::Percentiles;
 use super::PLOT_SIZE;
-use crate::pow::dtype::Dtype;
 use anyhow::anyhow;
 use plotters::prelude::*;
 use std::path::Path;
@@ -25,7 +24,8 @@ fn font_ready() -> anyhow::Result<()> {
 /// One (dtype, batch size) of a local sweep.
 #[derive(Debug, Clone)]
 pub struct LocalPoint {
-    pub dtype: Dtype,
+    /// The dtype as the command line names it (`fp8` included).
+    pub dtype: &'static str,
     pub batch_size: u64,
     pub nonces_per_second: f64,
     pub latency: Percentiles,
@@ -68,7 +68,7 @@ pub fn local(path: &Path, title: &str, points: &[LocalPoint]) -> anyhow::Result<
         .label_style((FAMILY, 15))
         .draw()
         .map_err(|e| anyhow!("plot: {e}"))?;
-    let mut dtypes: Vec<Dtype> = points.iter().map(|p| p.dtype).collect();
+    let mut dtypes: Vec<&'static str> = points.iter().map(|p| p.dtype).collect();
     dtypes.dedup();
     let mut series = 0;
     for dtype in dtypes {
