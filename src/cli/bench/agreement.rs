@@ -371,7 +371,7 @@ pub fn run(
     out: &Path,
     progress: &Progress,
 ) -> anyhow::Result<Value> {
-    let (devs, device_note) = devices(args.device, params)?;
+    let (devs, device_note) = devices(args.device, params, args.cuda_graphs)?;
     if let Some(note) = &device_note {
         progress.line(note);
     }

@@ -36,9 +36,10 @@ pub const REFERENCE_MIN_TIMEOUT: Duration = Duration::from_secs(60);
 pub fn devices(
     choice: DeviceChoice,
     params: &Params,
+    cuda_graphs: bool,
 ) -> anyhow::Result<crate::cli::serve::ResolvedDevices> {
     // GPUs grouped for the params being measured.
-    crate::cli::serve::resolve_devices(choice, params, false)
+    crate::cli::serve::resolve_devices(choice, params, cuda_graphs)
 }
 
 /// The params a job of `params` runs with in `choice`: FP8 products for fp8, as the engine's
@@ -130,7 +131,7 @@ pub fn run(
     progress: &Progress,
     sampler: &GpuSampler,
 ) -> anyhow::Result<Value> {
-    let (devs, device_note) = devices(args.device, params)?;
+    let (devs, device_note) = devices(args.device, params, args.cuda_graphs)?;
     if let Some(note) = &device_note {
         progress.line(note);
     }

@@ -179,6 +179,10 @@ pub struct BenchArgs {
     /// LLAMA_POW_BENCH_R_TARGET, and is killed after max(60, 10 x --seconds) seconds.
     #[arg(long)]
     pub reference_command: Option<String>,
+    /// Replay each batch size's GPU launch sequence as a captured CUDA graph (as the server's
+    /// --cuda-graphs); run the bench with and without it to measure the gain.
+    #[arg(long)]
+    pub cuda_graphs: bool,
     /// Instead of the sweep: compute the same nonces in every dtype of --dtypes on the first
     /// device and compare each with the first dtype (the baseline): nonces/s, distance
     /// differences, and proofs that flip at an r_target making 1 nonce in 500 valid.
@@ -259,6 +263,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
     obj.insert("gpus".into(), serde_json::to_value(monitor.sample())?);
     obj.insert("nvml".into(), nvml);
     obj.insert("cuda".into(), cuda_report());
+    obj.insert("cuda_graphs".into(), args.cuda_graphs.into());
     obj.insert("run_folder".into(), out.display().to_string().into());
     let text = serde_json::to_string_pretty(&report)?;
     std::fs::write(out.join(REPORT_FILE), text + "\n")
