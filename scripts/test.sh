@@ -48,6 +48,9 @@ fi
 
 if [[ "$mode" == all ]]; then
     cargo test --release
+    # Say whether the GPU half ran: without a usable GPU those tests skip themselves, and
+    # this prints why.
+    echo "GPU parity: $(cargo test --release -q --test gpu_parity gpu_and_cpu_agree_on_every_distance -- --nocapture 2>&1 | grep -E 'skipped|vs cpu' | head -3)"
 fi
 
 if [[ "$have_python" == 0 ]]; then
