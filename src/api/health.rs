@@ -23,7 +23,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         "shutting_down": s.shutting_down || state.shutting_down(),
         "device": state.engine.device_names().join(","),
         "n_workers": state.engine.n_workers(),
-        "dtype": state.engine.dtype().as_str(),
+        "dtype": state.engine.precision(),
         "uptime_seconds": state.started.elapsed().as_secs(),
         "gpus": gpus,
         "version": env!("CARGO_PKG_VERSION"),

@@ -246,7 +246,7 @@ pub async fn serve(cfg: ServeConfig, engine: Engine) -> anyhow::Result<()> {
     tracing::info!(
         "backend ready: {devices} ({} worker(s), dtype {})",
         engine.n_workers(),
-        engine.dtype()
+        engine.precision()
     );
     if cfg.host != "127.0.0.1" && cfg.host != "localhost" && cfg.host != "::1" {
         tracing::warn!(

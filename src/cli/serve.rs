@@ -358,10 +358,35 @@ pub fn init_logging() {
     }));
 }
 
+/// `--dtype fp8` needs every device to multiply in FP8: refused at start-up otherwise (a
+/// server that would refuse every request is no server), with the device's own reason.
+pub fn check_fp8_devices(devices: &[Arc<dyn Device>]) -> anyhow::Result<()> {
+    // A model small enough for any device, with every size a multiple of 16.
+    let probe = Params {
+        dim: 64,
+        n_layers: 1,
+        n_heads: 4,
+        n_kv_heads: 4,
+        vocab_size: 64,
+        multiple_of: 32,
+        seq_len: 2,
+        use_fp8: true,
+        ..Params::default()
+    };
+    for d in devices {
+        d.check(&probe, Dtype::F16)
+            .map_err(|e| anyhow::anyhow!("--dtype fp8 on {}: {e}", d.name()))?;
+    }
+    Ok(())
+}
+
 /// Run the server until SIGTERM / SIGINT.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     init_logging();
     let devices = args.devices()?;
+    if args.dtype.fp8() {
+        check_fp8_devices(&devices)?;
+    }
     let engine = Engine::new(
         devices,
         EngineOptions {
@@ -440,6 +465,17 @@ mod tests {
         );
         let plan = plan_devices(DeviceChoice::Cuda, || Ok(vec![h100(0)]), true).unwrap();
         assert_eq!(plan, DevicePlan::Cuda(vec![h100(0)]));
+    }
+
+    #[test]
+    fn fp8_is_refused_at_start_up_on_the_cpu() {
+        let devices: Vec<Arc<dyn Device>> = vec![Arc::new(CpuDevice::new())];
+        let e = check_fp8_devices(&devices).unwrap_err().to_string();
+        assert!(e.starts_with("--dtype fp8 on cpu: "), "{e}");
+        assert!(e.contains("use_fp8"), "{e}");
+        assert_eq!(DtypeChoice::Fp8.dtype(), Dtype::F16);
+        assert!(DtypeChoice::Fp8.fp8() && !DtypeChoice::Bf16.fp8());
+        assert_eq!(DtypeChoice::Fp8.as_str(), "fp8");
     }
 
     #[test]

@@ -448,6 +448,16 @@ impl Engine {
         self.inner.opts.dtype
     }
 
+    /// The precision as `--dtype` names it: `fp8` when the products run in FP8, else the
+    /// dtype.
+    pub fn precision(&self) -> &'static str {
+        if self.inner.opts.fp8 {
+            "fp8"
+        } else {
+            self.inner.opts.dtype.as_str()
+        }
+    }
+
     /// Bring every device up (blocking).
     pub fn warm_up(&self) {
         thread::scope(|s| {
