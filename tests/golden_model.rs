@@ -151,21 +151,6 @@ fn param_values(w: &weights::ModelWeights, name: &str) -> Vec<f32> {
     }
 }
 
-/// One unit in the last place of `x` in `dtype`.
-fn ulp(dtype: Dtype, x: f64) -> f64 {
-    let mantissa_bits = match dtype {
-        Dtype::F32 => 23,
-        Dtype::F16 => 10,
-        Dtype::Bf16 => 7,
-    };
-    let min_exp = match dtype {
-        Dtype::F16 => -14,
-        _ => -126,
-    };
-    let e = (x.abs().log2().floor() as i32).max(min_exp);
-    2f64.powi(e - mantissa_bits)
-}
-
 /// Logits and distances of a case on a backend, within tolerance; identical valid sets
 /// except nonces within the tolerance of r_target.
 ///

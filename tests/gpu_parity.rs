@@ -27,17 +27,6 @@ fn dist_tolerance(dtype: Dtype) -> f64 {
     }
 }
 
-/// One unit in the last place of `x` in `dtype`.
-fn ulp(dtype: Dtype, x: f64) -> f64 {
-    let (mantissa_bits, min_exp) = match dtype {
-        Dtype::F32 => (23, -126),
-        Dtype::F16 => (10, -14),
-        Dtype::Bf16 => (7, -126),
-    };
-    let e = (x.abs().log2().floor() as i32).max(min_exp);
-    2f64.powi(e - mantissa_bits)
-}
-
 /// The GPUs of this machine as devices to test, brought up once for the whole binary; or
 /// why there are none.
 fn gpu_devices() -> &'static Result<Vec<Arc<dyn Device>>, String> {

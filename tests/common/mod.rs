@@ -1,8 +1,21 @@
 //! Shared helpers for the golden tests: loading the reference's outputs.
 #![allow(dead_code)]
 
+use llama_pow::pow::dtype::Dtype;
 use serde_json::Value;
 use std::path::PathBuf;
+
+/// One unit in the last place of `x` in `dtype` (the logits are rounded to the dtype last,
+/// so a logit may sit one unit away from the reference's).
+pub fn ulp(dtype: Dtype, x: f64) -> f64 {
+    let (mantissa_bits, min_exp) = match dtype {
+        Dtype::F32 => (23, -126),
+        Dtype::F16 => (10, -14),
+        Dtype::Bf16 => (7, -126),
+    };
+    let e = (x.abs().log2().floor() as i32).max(min_exp);
+    2f64.powi(e - mantissa_bits)
+}
 
 pub fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

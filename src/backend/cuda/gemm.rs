@@ -469,14 +469,9 @@ fn create_handle() -> Result<sys::cublasLtHandle_t, GemmError> {
             op: "cublasLtCreate",
             status,
         }),
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown failure".into());
-            Err(GemmError::Unavailable(CudaUnavailable::LoadFailure(msg)))
-        }
+        Err(payload) => Err(GemmError::Unavailable(CudaUnavailable::LoadFailure(
+            super::panic_message(payload.as_ref()),
+        ))),
     }
 }
 

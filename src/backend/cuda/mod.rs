@@ -150,15 +150,20 @@ pub fn cuda_available() -> Result<Vec<GpuInfo>, CudaUnavailable> {
     // cudarc panic: report it as a reason, not a crash.
     match std::panic::catch_unwind(query_devices) {
         Ok(r) => r,
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown failure".into());
-            Err(CudaUnavailable::LoadFailure(msg))
-        }
+        Err(payload) => Err(CudaUnavailable::LoadFailure(panic_message(
+            payload.as_ref(),
+        ))),
     }
+}
+
+/// The text of a panic caught from a CUDA library binding (cudarc panics with a message
+/// when a library or symbol is missing).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown failure".into())
 }
 
 fn query_devices() -> Result<Vec<GpuInfo>, CudaUnavailable> {
