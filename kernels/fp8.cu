@@ -23,9 +23,48 @@ __device__ __forceinline__ unsigned char to_e4m3(float x) {
     // The pair's high byte converts the first operand, the low byte the second.
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.0f), "f"(x));
     return (unsigned char)(pair & 0xffu);
-#else
+#elif defined(__CUDACC_RTC__)
     __trap();
     return 0;
+#else
+    // The host emulator (tests/kernel_emulation): the same conversion in integer arithmetic.
+    // E4M3 (OCP "FN"): bias 7, 3 mantissa bits, largest finite 448, no infinity, NaN is
+    // S.1111.111; round to nearest even, saturated to +-448 (NaN stays NaN).
+    const unsigned int u = __float_as_uint(x);
+    const unsigned char sign = (unsigned char)((u >> 24) & 0x80u);
+    const unsigned int a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) {
+        return (unsigned char)(sign | 0x7fu);
+    }
+    if (a >= 0x43e00000u) {  // 448 and above (infinity included) saturate
+        return (unsigned char)(sign | 0x7eu);
+    }
+    const int e = (int)(a >> 23) - 127;
+    if (e < -6) {
+        // Subnormal: a multiple of 2^-9, rounded to nearest even (an f32 product by a power
+        // of two is exact, and so is the f32 rounding of a value below 2^24).
+        const float q = __uint_as_float(a) * 512.0f;
+        float r = (float)(int)q;
+        const float frac = q - r;
+        if (frac > 0.5f || (frac == 0.5f && ((int)r & 1))) {
+            r += 1.0f;
+        }
+        return (unsigned char)(sign | (unsigned char)(int)r);  // 8 is the smallest normal
+    }
+    unsigned int m = (a & 0x7fffffu) >> 20;
+    const unsigned int rest = a & 0xfffffu;
+    int exp = e + 7;
+    if (rest > 0x80000u || (rest == 0x80000u && (m & 1u))) {
+        m += 1u;
+        if (m == 8u) {
+            m = 0u;
+            exp += 1;
+        }
+    }
+    if (exp > 15 || (exp == 15 && m == 7u)) {
+        return (unsigned char)(sign | 0x7eu);
+    }
+    return (unsigned char)(sign | (unsigned char)((exp << 3) | (int)m));
 #endif
 }
 

@@ -1233,3 +1233,116 @@ fn tail_filter_keeps_exactly_the_valid_nonces_in_order() {
     }
     println!("tail_filter: {case} cases, exact");
 }
+
+// ---------------------------------------------------------------------------------------------
+// FP8 quantisation
+
+/// The value of an E4M3 ("FN") code: bias 7, 3 mantissa bits, subnormals below 2^-6, no
+/// infinity; S.1111.111 is NaN.
+fn e4m3_value(code: u8) -> f32 {
+    let sign = if code & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let e = ((code >> 3) & 0xf) as i32;
+    let m = (code & 7) as f32;
+    if e == 15 && code & 7 == 7 {
+        return f32::NAN;
+    }
+    if e == 0 {
+        sign * m * 2f32.powi(-9)
+    } else {
+        sign * (1.0 + m / 8.0) * 2f32.powi(e - 7)
+    }
+}
+
+/// E4M3 of `x` by search over every code: the nearest value, ties to the even code, anything
+/// beyond 448 saturated to +-448. An independent reference for the kernels' conversion.
+fn e4m3_reference(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0x7f;
+    }
+    let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
+    let a = x.abs().min(448.0) as f64;
+    let mut best = 0u8;
+    let mut best_d = f64::INFINITY;
+    for code in 0u8..0x7f {
+        let d = (e4m3_value(code) as f64 - a).abs();
+        if d < best_d || (d == best_d && code & 1 == 0) {
+            best = code;
+            best_d = d;
+        }
+    }
+    sign | best
+}
+
+#[test]
+fn e4m3_reference_round_trips_every_code() {
+    for code in 0u8..=255 {
+        if code & 0x7f == 0x7f {
+            continue;
+        }
+        let v = e4m3_value(code);
+        // -0 comes back as -0 (code 0x80), every other value as itself.
+        assert_eq!(e4m3_reference(v), code, "{code:#04x} = {v}");
+    }
+    assert_eq!(e4m3_reference(1000.0), 0x7e);
+    assert_eq!(e4m3_reference(-f32::INFINITY), 0xfe);
+    // Halfway between 1.0 and 1.125: to the even code (1.0); between 1.125 and 1.25: 1.25.
+    assert_eq!(e4m3_reference(1.0625), 0x38);
+    assert_eq!(e4m3_reference(1.1875), 0x3a);
+}
+
+#[test]
+fn fp8_quantisation_matches_an_independent_reference() {
+    let Some(exe) = emulator("quantize_e4m3") else {
+        return;
+    };
+    let mut rng = Rng(89);
+    let mut case = 0u64;
+    for dt in Dtype::ALL {
+        for (rows, width, stride, scale) in [
+            (1, 1, 1, 1.0f64),
+            (1, 16, 16, 0.02),
+            (3, 33, 40, 3.0),
+            (5, 224, 224 * 3, 0.5),
+            (2, 1792, 1792, 40.0),
+            (4, 100, 100, 0.0), // an all-zero tensor: scale 1, every code 0
+        ] {
+            case += 1;
+            let n = (rows - 1) * stride + width;
+            let mut values = rng.uniform(dt, n, scale.max(1e-30));
+            if scale == 0.0 {
+                values.iter_mut().for_each(|v| *v = 0.0);
+            }
+            let out = Launch::new("quantize_e4m3", Some(dt))
+                .arg("rows", rows)
+                .arg("width", width)
+                .arg("stride", stride)
+                .arg("blocks", 1 + case % 3)
+                .input(&encode(dt, &values))
+                .run(exe);
+            let (codes, rest) = out.split_at(rows * width);
+            let got_scale = f32::from_le_bytes(rest[0..4].try_into().unwrap());
+            let got_amax = u32::from_le_bytes(rest[4..8].try_into().unwrap());
+            // The tensor's rows only: what lies between them is not part of it.
+            let elems: Vec<f32> = (0..rows)
+                .flat_map(|r| values[r * stride..r * stride + width].iter().copied())
+                .collect();
+            let amax = elems.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(got_amax, amax.to_bits(), "{dt:?} {rows}x{width}: amax");
+            let want_scale = if amax > 0.0 { amax / 448.0 } else { 1.0 };
+            assert_eq!(got_scale.to_bits(), want_scale.to_bits(), "{dt:?}: scale");
+            for (i, (&c, &v)) in codes.iter().zip(&elems).enumerate() {
+                assert_eq!(
+                    c,
+                    e4m3_reference(v / want_scale),
+                    "{dt:?} {rows}x{width} value {i}: {v} / {want_scale}"
+                );
+            }
+            // The largest magnitude maps to 448 (or just below, by the division's rounding).
+            if amax > 0.0 {
+                let top = codes.iter().map(|c| c & 0x7f).max().unwrap();
+                assert!(top == 0x7e || top == 0x7d, "{dt:?}: top code {top:#x}");
+            }
+        }
+    }
+    println!("quantize_e4m3: amax, scale and every code exact in every dtype");
+}

@@ -639,6 +639,15 @@ inline unsigned int __ballot_sync(unsigned int mask, int predicate,
 inline int __popc(unsigned int x) { return std::popcount(x); }
 inline int __clzll(long long x) { return std::countl_zero((unsigned long long)x); }
 inline unsigned int __float_as_uint(float x) { return std::bit_cast<unsigned int>(x); }
+// The threads of a launch run as fibers on one OS thread, switching only at barriers and
+// shuffles: a read-modify-write is atomic by construction.
+inline unsigned int atomicMax(unsigned int* address, unsigned int v) {
+    const unsigned int old = *address;
+    if (v > old) {
+        *address = v;
+    }
+    return old;
+}
 inline float __uint_as_float(unsigned int x) { return std::bit_cast<float>(x); }
 
 // The kernels' exp(double): see the header.

@@ -33,6 +33,10 @@
 //   tail_filter   batch r_target           dist[batch] (f64)
 //                                          -> count (i32) index[batch] (i32)
 //                                             valid_dist[batch] (f64)
+//   quantize_e4m3 rows width stride blocks x[(rows-1)*stride+width]
+//                                          -> dst[rows*width] (u8) scale (f32) amax (u32)
+//                 (amax_<dtype> then quantize_e4m3_<dtype>, the maximum zeroed first, as
+//                 the launcher runs them)
 //   selftest      case=<name>              checks of the emulator itself (see below)
 //
 // Every buffer is fenced by guard bytes (checked after the launch) and every output starts
@@ -49,6 +53,7 @@
 #include "../../kernels/attention.cu"
 #include "../../kernels/tail.cu"
 #include "../../kernels/weights.cu"
+#include "../../kernels/fp8.cu"
 
 #undef exp
 
@@ -254,6 +259,25 @@ void gather_rows(K kernel, Io& io) {
     S* dst = io.output("dst", (size_t)(rows * width), sizeof(S)).template as<S>();
     emu::launch(grid_stride_grid(io), dim3(256), 0,
                 [&] { kernel(src, dst, rows, width, stride); });
+}
+
+template <typename S, typename KA, typename KQ>
+void quantize_e4m3(KA amax_kernel, KQ quantize_kernel, Io& io) {
+    const long long rows = io.i("rows"), width = io.i("width"), stride = io.i("stride");
+    if (rows < 1 || width < 1 || stride < width) {
+        fail("quantize_e4m3: bad shape");
+    }
+    S* x = io.input("x", (size_t)((rows - 1) * stride + width), sizeof(S)).template as<S>();
+    unsigned char* dst =
+        io.output("dst", (size_t)(rows * width), 1).template as<unsigned char>();
+    float* scale = io.output("scale", 1, 4).template as<float>();
+    Buf& amax_buf = io.output("amax", 1, 4);
+    std::memset(amax_buf.data(), 0, 4);
+    unsigned int* amax = amax_buf.template as<unsigned int>();
+    emu::launch(grid_stride_grid(io), dim3(256), 0,
+                [&] { amax_kernel(x, rows, width, stride, amax); });
+    emu::launch(grid_stride_grid(io), dim3(256), 0,
+                [&] { quantize_kernel(x, rows, width, stride, amax, dst, scale); });
 }
 
 template <typename S, typename K>
@@ -472,6 +496,16 @@ int main(int argc, char** argv) {
         BY_DTYPE(from_f32, from_f32);
     } else if (cmd == "to_f32") {
         BY_DTYPE(to_f32, to_f32);
+    } else if (cmd == "quantize_e4m3") {
+        if (dt == "f32") {
+            quantize_e4m3<float>(amax_f32, quantize_e4m3_f32, io);
+        } else if (dt == "f16") {
+            quantize_e4m3<u16>(amax_f16, quantize_e4m3_f16, io);
+        } else if (dt == "bf16") {
+            quantize_e4m3<u16>(amax_bf16, quantize_e4m3_bf16, io);
+        } else {
+            fail("unknown dtype %s", dt.c_str());
+        }
     } else if (cmd == "gather_rows") {
         BY_DTYPE(gather_rows, gather_rows);
     } else if (cmd == "fill_direct") {
