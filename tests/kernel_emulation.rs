@@ -1346,3 +1346,41 @@ fn fp8_quantisation_matches_an_independent_reference() {
     }
     println!("quantize_e4m3: amax, scale and every code exact in every dtype");
 }
+
+#[test]
+fn silu_mul_amax_writes_what_silu_mul_writes_and_its_largest_magnitude() {
+    let Some(exe) = emulator("silu_mul_amax") else {
+        return;
+    };
+    let mut rng = Rng(97);
+    let mut case = 0u64;
+    for dt in Dtype::ALL {
+        for &n in ELEMENTWISE_LENGTHS {
+            case += 1;
+            let a = rng.uniform(dt, n, 12.0);
+            let b = rng.uniform(dt, n, 3.0);
+            let run = |kernel: &'static str| {
+                Launch::new(kernel, Some(dt))
+                    .arg("n", n)
+                    .arg("blocks", 1 + case % 3)
+                    .input(&encode(dt, &a))
+                    .input(&encode(dt, &b))
+                    .seed(case)
+                    .run(exe)
+            };
+            let plain = run("silu_mul");
+            let fused = run("silu_mul_amax");
+            let width = if dt == Dtype::F32 { 4 } else { 2 };
+            let (values, amax) = fused.split_at(n * width);
+            // The same values, bit for bit, as the unfused kernel.
+            assert!(
+                values == plain.as_slice(),
+                "silu_mul_amax {dt:?} n {n}: values"
+            );
+            let want = decode(dt, values).iter().fold(0f32, |m, v| m.max(v.abs()));
+            let got = u32::from_le_bytes(amax.try_into().unwrap());
+            assert_eq!(got, want.to_bits(), "silu_mul_amax {dt:?} n {n}: maximum");
+        }
+    }
+    println!("silu_mul_amax: silu_mul's values and their exact maximum in every dtype");
+}

@@ -20,6 +20,7 @@
 //                                          k[batch*seq*n_kv_heads*head_dim] v[same]
 //                                                                     -> out[like q]
 //   silu_mul, add n blocks                 a[n] b[n]                  -> a
+//   silu_mul_amax n blocks                 a[n] b[n]          -> a, amax (u32, zeroed first)
 //   from_f32      n blocks                 src[n] (f32)               -> dst[n]
 //   to_f32        n blocks                 src[n]                     -> dst[n] (f32)
 //   gather_rows   rows width src_stride blocks
@@ -231,6 +232,17 @@ void two_arrays(K kernel, Io& io) {
     S* a = io.inout("a", count(n, "n"), sizeof(S)).template as<S>();
     S* b = io.input("b", (size_t)n, sizeof(S)).template as<S>();
     emu::launch(grid_stride_grid(io), dim3(256), 0, [&] { kernel(a, b, n); });
+}
+
+template <typename S, typename K>
+void silu_mul_amax(K kernel, Io& io) {
+    const long long n = io.i("n");
+    S* a = io.inout("a", count(n, "n"), sizeof(S)).template as<S>();
+    S* b = io.input("b", (size_t)n, sizeof(S)).template as<S>();
+    Buf& amax_buf = io.output("amax", 1, 4);
+    std::memset(amax_buf.data(), 0, 4);
+    unsigned int* amax = amax_buf.template as<unsigned int>();
+    emu::launch(grid_stride_grid(io), dim3(256), 0, [&] { kernel(a, b, n, amax); });
 }
 
 template <typename S, typename K>
@@ -490,6 +502,8 @@ int main(int argc, char** argv) {
         BY_DTYPE(attention, attention_smem, true);
     } else if (cmd == "silu_mul") {
         BY_DTYPE(two_arrays, silu_mul);
+    } else if (cmd == "silu_mul_amax") {
+        BY_DTYPE(silu_mul_amax, silu_mul_amax);
     } else if (cmd == "add") {
         BY_DTYPE(two_arrays, add);
     } else if (cmd == "from_f32") {

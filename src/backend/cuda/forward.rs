@@ -62,6 +62,26 @@ fn linear(
     n: usize,
     s: &StageScratch,
 ) -> Result<(), BackendError> {
+    linear_amax(gpu, dtype, dst, x, m, x_stride, k, w, n, s, false)
+}
+
+/// [`linear`]; with `amax_known`, an FP8 weight's input already has its largest magnitude in
+/// the scratch's `amax` (the kernel that wrote the input found it), so quantising it takes
+/// one pass instead of two.
+#[allow(clippy::too_many_arguments)]
+fn linear_amax(
+    gpu: &Gpu,
+    dtype: Dtype,
+    dst: u64,
+    x: u64,
+    m: usize,
+    x_stride: usize,
+    k: usize,
+    w: &Weight,
+    n: usize,
+    s: &StageScratch,
+    amax_known: bool,
+) -> Result<(), BackendError> {
     match w {
         Weight::Dense(w) => linear_dense(gpu, dtype, dst, x, m, x_stride, k, w.ptr(), n),
         Weight::Fp8 { data, scale } => {
@@ -80,6 +100,7 @@ fn linear(
                 k,
                 x_stride,
                 q.amax.ptr(),
+                amax_known,
                 q.x8.ptr(),
                 q.x_scale.ptr(),
             )?;
@@ -183,8 +204,26 @@ fn ffn_block(
         hidden,
         s,
     )?;
-    elementwise::silu_mul(gpu, dtype, s.h1.ptr(), s.h3.ptr(), rows * hidden)?;
-    linear(
+    // In FP8 the product below quantises its input: find the input's largest magnitude
+    // while writing it, which spares a pass over the widest activation of the block.
+    let fused = match (&lw.w2, &s.fp8) {
+        (Weight::Fp8 { .. }, Some(q)) => {
+            elementwise::silu_mul_amax(
+                gpu,
+                dtype,
+                s.h1.ptr(),
+                s.h3.ptr(),
+                rows * hidden,
+                q.amax.ptr(),
+            )?;
+            true
+        }
+        _ => {
+            elementwise::silu_mul(gpu, dtype, s.h1.ptr(), s.h3.ptr(), rows * hidden)?;
+            false
+        }
+    };
+    linear_amax(
         gpu,
         dtype,
         s.tmp.ptr(),
@@ -195,6 +234,7 @@ fn ffn_block(
         &lw.w2,
         dim,
         s,
+        fused,
     )?;
     elementwise::add(gpu, dtype, x, s.tmp.ptr(), rows * dim)
 }

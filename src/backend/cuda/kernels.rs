@@ -108,6 +108,7 @@ impl Family {
         const ATTENTION: &[Kernel] = &[per_dtype("attention"), per_dtype("attention_smem")];
         const ELEMENTWISE: &[Kernel] = &[
             per_dtype("silu_mul"),
+            per_dtype("silu_mul_amax"),
             per_dtype("add"),
             per_dtype("from_f32"),
             per_dtype("to_f32"),

@@ -515,6 +515,7 @@ fn build_stage(
             numel,
             numel,
             amax.ptr(),
+            false,
             data.ptr(),
             scale.ptr(),
         )?;

@@ -72,3 +72,26 @@ pub fn gather_rows(
     // values, dst rows * width, and they do not overlap (the caller's separate buffers).
     unsafe { gpu.run(&mut a, "gather_rows", gpu.grid_for(rows * width)) }
 }
+
+/// [`silu_mul`], also leaving the largest magnitude it wrote (bits of an f32) in the u32 at
+/// `amax_bits`, which it zeroes first: the FP8 path's scale without another pass.
+pub fn silu_mul_amax(
+    gpu: &Gpu,
+    dtype: Dtype,
+    a: u64,
+    b: u64,
+    n: usize,
+    amax_bits: u64,
+) -> Result<(), BackendError> {
+    super::fp8::zero_u32(gpu, amax_bits)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = kernel(gpu, "silu_mul_amax", dtype)?;
+    let n_l = long(n);
+    let mut args = gpu.stream.launch_builder(f);
+    args.arg(&a).arg(&b).arg(&n_l).arg(&amax_bits);
+    // SAFETY: silu_mul_amax_<dtype>(S* a, const S* b, i64 n, unsigned* amax): matching
+    // order and types; a and b hold n values of the dtype, amax_bits one u32.
+    unsafe { gpu.run(&mut args, "silu_mul_amax", gpu.grid_for(n)) }
+}

@@ -6,9 +6,20 @@ use crate::backend::BackendError;
 use crate::pow::dtype::Dtype;
 use cudarc::driver::PushKernelArg;
 
+/// Zero one u32 of device memory, in stream order (the maximum an amax kernel raises).
+pub fn zero_u32(gpu: &Gpu, ptr: u64) -> Result<(), BackendError> {
+    gpu.ctx.bind_to_thread().map_err(|e| gpu.err("bind", e))?;
+    // SAFETY: `ptr` is one u32 of this GPU's memory (the caller's scratch); the memset is
+    // queued on the stream, before the kernels that use it.
+    unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, 4, gpu.stream.cu_stream()) }
+        .map_err(|e| gpu.err("zeroing the FP8 maximum", e))
+}
+
 /// Quantise `rows` rows of `width` values (rows `stride` apart) at `x` into contiguous E4M3
 /// at `dst` (`rows * width` bytes), with one scale: the largest magnitude over 448, written
-/// as one f32 at `scale`. `amax_bits` is one u32 of scratch.
+/// as one f32 at `scale`. `amax_bits` is one u32 of scratch; with `amax_known` it already
+/// holds the largest magnitude (a kernel before found it on the way, see
+/// `silu_mul_amax`), and the reduction is skipped.
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_e4m3(
     gpu: &Gpu,
@@ -18,6 +29,7 @@ pub fn quantize_e4m3(
     width: usize,
     stride: usize,
     amax_bits: u64,
+    amax_known: bool,
     dst: u64,
     scale: u64,
 ) -> Result<(), BackendError> {
@@ -26,19 +38,18 @@ pub fn quantize_e4m3(
         return Ok(());
     }
     assert!(stride >= width, "quantize_e4m3: stride below width");
-    gpu.ctx.bind_to_thread().map_err(|e| gpu.err("bind", e))?;
-    // SAFETY: amax_bits is one u32 of this GPU's memory (the caller's scratch); zeroing it
-    // on the stream orders it before the reduction below.
-    unsafe { cudarc::driver::result::memset_d8_async(amax_bits, 0, 4, gpu.stream.cu_stream()) }
-        .map_err(|e| gpu.err("zeroing the FP8 maximum", e))?;
     let (r, w, s) = (long(rows), long(width), long(stride));
     let cfg = gpu.grid_for(n);
-    let f = kernel(gpu, "amax", dtype)?;
-    let mut a = gpu.stream.launch_builder(f);
-    a.arg(&x).arg(&r).arg(&w).arg(&s).arg(&amax_bits);
-    // SAFETY: amax_<dtype>(const S* x, i64 rows, i64 width, i64 stride, unsigned* amax):
-    // matching order and types; x holds (rows - 1) * stride + width values of the dtype.
-    unsafe { gpu.run(&mut a, "amax", cfg) }?;
+    if !amax_known {
+        zero_u32(gpu, amax_bits)?;
+        let f = kernel(gpu, "amax", dtype)?;
+        let mut a = gpu.stream.launch_builder(f);
+        a.arg(&x).arg(&r).arg(&w).arg(&s).arg(&amax_bits);
+        // SAFETY: amax_<dtype>(const S* x, i64 rows, i64 width, i64 stride,
+        // unsigned* amax): matching order and types; x holds (rows - 1) * stride + width
+        // values of the dtype, amax_bits one u32.
+        unsafe { gpu.run(&mut a, "amax", cfg) }?;
+    }
     let f = kernel(gpu, "quantize_e4m3", dtype)?;
     let mut a = gpu.stream.launch_builder(f);
     a.arg(&x)
@@ -50,7 +61,7 @@ pub fn quantize_e4m3(
         .arg(&scale);
     // SAFETY: quantize_e4m3_<dtype>(const S* x, i64 rows, i64 width, i64 stride,
     // const unsigned* amax, unsigned char* dst, float* scale): matching order and types; x
-    // as above, dst rows * width bytes, scale one f32, amax the reduction's result (earlier
-    // on the same stream).
+    // as above, dst rows * width bytes, scale one f32, amax the maximum (found earlier on
+    // the same stream).
     unsafe { gpu.run(&mut a, "quantize_e4m3", cfg) }
 }
