@@ -3,7 +3,7 @@
 //! GPU so that only the proofs come back.
 
 use super::batch::{BatchResult, JobSpec, PreparedBatch};
-use super::device::{AnyModel, Device};
+use super::device::{downcast_model, AnyModel, Device};
 use crate::backend::cuda::forward::{self, TailOutput};
 use crate::backend::cuda::gpu::{Gpu, GpuError};
 use crate::backend::cuda::model::{self, GpuModel, RESERVE_BYTES};
@@ -54,12 +54,7 @@ impl CudaDevice {
     }
 
     fn model<'a>(&self, model: &'a AnyModel) -> Result<&'a GpuModel, BackendError> {
-        model.downcast_ref::<GpuModel>().ok_or_else(|| {
-            BackendError::Device(format!(
-                "a model of another backend was handed to {}",
-                self.name()
-            ))
-        })
+        downcast_model(model, &self.name())
     }
 }
 

@@ -84,6 +84,16 @@ pub trait Device: Send + Sync + 'static {
     }
 }
 
+/// The concrete model behind `model`, or a device error when `device` did not build it.
+pub fn downcast_model<'a, M: 'static>(
+    model: &'a AnyModel,
+    device: &str,
+) -> Result<&'a M, BackendError> {
+    model.downcast_ref::<M>().ok_or_else(|| {
+        BackendError::Device(format!("a model of another backend was handed to {device}"))
+    })
+}
+
 fn forward_with<B: Backend>(
     backend: &B,
     model: &AnyModel,
@@ -93,12 +103,7 @@ fn forward_with<B: Backend>(
 where
     B::Model: 'static,
 {
-    let m = model.downcast_ref::<B::Model>().ok_or_else(|| {
-        BackendError::Device(format!(
-            "a model of another backend was handed to {}",
-            backend.name()
-        ))
-    })?;
+    let m = downcast_model::<B::Model>(model, &backend.name())?;
     backend.forward_last_logits(m, inputs, batch)
 }
 

@@ -916,6 +916,24 @@ struct Ahead {
 }
 
 impl Ahead {
+    /// A batch of `size` drawn with `spec` under assignment `epoch` / `restart_epoch` (both 0
+    /// for /generate, which has no assignments).
+    fn drawn(
+        batch: PreparedBatch,
+        size: usize,
+        spec: &JobSpec,
+        epoch: u64,
+        restart_epoch: u64,
+    ) -> Ahead {
+        Ahead {
+            batch,
+            size,
+            public_key: spec.public_key.clone(),
+            epoch,
+            restart_epoch,
+        }
+    }
+
     /// Bring a batch drawn under an older assignment up to the current one: keep it when only
     /// r_target or the block height changed, draw its inputs again when the public key
     /// changed (the same nonces: the range goes on, none may be lost), and drop it when the
@@ -932,13 +950,7 @@ impl Ahead {
         } else {
             batch::prepare(spec, self.batch.nonces)
         };
-        Some(Ahead {
-            batch,
-            size: self.size,
-            public_key: spec.public_key.clone(),
-            epoch,
-            restart_epoch,
-        })
+        Some(Ahead::drawn(batch, self.size, spec, epoch, restart_epoch))
     }
 }
 
@@ -1110,13 +1122,7 @@ fn generate_worker(ctx: &WorkerCtx<'_>, spec: JobSpec, job: &GenerateJob) -> Tot
                     if nonces.is_empty() {
                         break;
                     }
-                    Ahead {
-                        batch: batch::prepare(&spec, nonces),
-                        size,
-                        public_key: spec.public_key.clone(),
-                        epoch: 0,
-                        restart_epoch: 0,
-                    }
+                    Ahead::drawn(batch::prepare(&spec, nonces), size, &spec, 0, 0)
                 }
             };
             // The batch after this one, unless the time will be up: a batch prepared when the
@@ -1128,13 +1134,7 @@ fn generate_worker(ctx: &WorkerCtx<'_>, spec: JobSpec, job: &GenerateJob) -> Tot
                 (Vec::new(), 0)
             };
             let (done, next) = ctx.compute_overlapped(&spec, cur, next, &mut sizer);
-            ahead = next.map(|b| Ahead {
-                batch: b,
-                size,
-                public_key: spec.public_key.clone(),
-                epoch: 0,
-                restart_epoch: 0,
-            });
+            ahead = next.map(|b| Ahead::drawn(b, size, &spec, 0, 0));
             done
         } else {
             let size = sizer.next_size();
@@ -1210,13 +1210,13 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
                         thread::sleep(IDLE_POLL);
                         continue;
                     }
-                    Ahead {
-                        batch: batch::prepare(spec, nonces),
+                    Ahead::drawn(
+                        batch::prepare(spec, nonces),
                         size,
-                        public_key: spec.public_key.clone(),
-                        epoch: seen_epoch,
-                        restart_epoch: seen_restart,
-                    }
+                        spec,
+                        seen_epoch,
+                        seen_restart,
+                    )
                 }
             };
             let (next, size) = if s.is_done() {
@@ -1226,13 +1226,7 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
                 (s.next_batch(size), size)
             };
             let (done, next) = ctx.compute_overlapped(spec, cur, next, &mut sizer);
-            ahead = next.map(|b| Ahead {
-                batch: b,
-                size,
-                public_key: spec.public_key.clone(),
-                epoch: seen_epoch,
-                restart_epoch: seen_restart,
-            });
+            ahead = next.map(|b| Ahead::drawn(b, size, spec, seen_epoch, seen_restart));
             done
         } else {
             let size = sizer.next_size();
