@@ -107,6 +107,18 @@ __device__ __forceinline__ i64 global_index() {
     return (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x;
 }
 
+// Raise *amax_bits to the largest `local` of the warp (bits of non-negative floats, which
+// order as the floats do); every lane of the warp must call it.
+__device__ __forceinline__ void warp_max_into(unsigned int* amax_bits, unsigned int local) {
+    for (int off = 16; off > 0; off /= 2) {
+        const unsigned int other = __shfl_xor_sync(0xffffffffu, local, off);
+        local = other > local ? other : local;
+    }
+    if (threadIdx.x % 32 == 0 && local != 0u) {
+        atomicMax(amax_bits, local);
+    }
+}
+
 // Threads in a 1-D grid.
 __device__ __forceinline__ i64 grid_threads() {
     return (i64)gridDim.x * (i64)blockDim.x;

@@ -30,13 +30,7 @@ __device__ void silu_mul_amax_impl(typename T::S* a, const typename T::S* b, i64
         const unsigned int bits = __float_as_uint(T::load(out)) & 0x7fffffffu;
         local = bits > local ? bits : local;
     }
-    for (int off = 16; off > 0; off /= 2) {
-        const unsigned int other = __shfl_xor_sync(0xffffffffu, local, off);
-        local = other > local ? other : local;
-    }
-    if (threadIdx.x % 32 == 0 && local != 0u) {
-        atomicMax(amax_bits, local);
-    }
+    warp_max_into(amax_bits, local);
 }
 
 template <typename T>
