@@ -23,6 +23,8 @@
 //! nothing for it and the f16 / bf16 roundings are branch-free arithmetic that the
 //! compiler vectorises (they agree with [`Dtype::round`] on every input; see the tests).
 
+pub mod matmul;
+
 use super::{Backend, BackendError};
 use crate::pow::dtype::{Dtype, RoundBf16, RoundF16, RoundF32, Rounding};
 use crate::pow::params::Params;

@@ -1,0 +1,347 @@
+//! The forward pass's matrix products: `dst = round_T(x . w^T)`, the weights held in the
+//! model dtype T, the inputs exact in T, f32 accumulation and one rounding of each output
+//! (the reference's rounding points; see the parent module).
+//!
+//! # Paths
+//!
+//! | [`Kernel`] | f32 | f16 | bf16 | weights |
+//! | --- | --- | --- | --- | --- |
+//! | `Amx` | - | TDPFP16PS | TDPBF16PS | pairs |
+//! | `Avx512Bf16` | - | - | `vdpbf16ps` | pairs |
+//! | `Avx512` | FMA | `vcvtph2ps` + FMA | shift + FMA | rows |
+//! | `Avx2` (with F16C) | FMA | F16C + FMA | shift + FMA | rows |
+//! | `Scalar` | `mul_add` | `mul_add` | `mul_add` | rows |
+//!
+//! The fastest path the CPU has is chosen at run time from CPUID ([`Features`]); AMX also
+//! needs the OS to grant the tile state (asked for once; a refusal only means no AMX). The
+//! environment variable [`MATMUL_ENV`] caps the choice (`amx`, `avx512`, `avx2`, `scalar`,
+//! or `auto`), so that every path a machine has can be run and compared there.
+//!
+//! # What each path computes, exactly
+//!
+//! - FMA paths (`Scalar`, `Avx2`, `Avx512`, whatever the dtype): each output is
+//!   `acc = fma(x[l], w[l], acc)` for `l = 0, 1, ..., k - 1` in order from `acc = +0`. They
+//!   agree bit for bit with each other ([`blocked::ScalarFma`] is the readable statement).
+//! - `Avx512Bf16`: per input pair, the odd input first, then the even one, each an FMA,
+//!   with bf16 denormals read as zero and denormal results flushed (Intel's SDM; checked
+//!   against the instruction bit for bit in the tests).
+//! - `Amx` f16: per the SDM, the same sequence as the FMA paths (f32 denormal results
+//!   flushed to zero, which a sum of f16 products never produces).
+//! - `Amx` bf16: per the SDM, within each instruction (32 inputs) the even and the odd
+//!   inputs are summed separately from zero, the two sums added, and that added to the
+//!   accumulator. Intel notes that the hardware may order these operations differently.
+//!
+//! Orders differ between paths, so outputs may differ by the last bit of f32 before the
+//! rounding to T, and now and then by one unit of T after it; the reference (PyTorch's
+//! oneDNN kernels) fixes no order either.
+//!
+//! # Why our own kernels and not a library loaded at run time
+//!
+//! Measured on paper before choosing, for these products (m = batch * seq_len rows, in the
+//! thousands; n and k from 1024 to 49152; T = f16 by default, bf16, f32):
+//!
+//! - The ceiling is the instruction, not the code around it: per core and cycle, AMX's
+//!   TMUL does 16 x 16 x 32 multiply-adds per 16 cycles (1024 FLOP), `vdpbf16ps` on two
+//!   512-bit pipes 128 FLOP, AVX-512 FMA 64, AVX2 FMA 32. These shapes are large and
+//!   regular, so a plain blocked kernel (tiles held for the whole of k, weights packed once
+//!   at model build time) reaches most of it; what a library adds beyond that (prefetch
+//!   scheduling, small and odd shapes) is worth little here.
+//! - oneDNN (what PyTorch itself calls): it has the best AMX kernels, but it is a C++
+//!   library with a descriptor / primitive / stream C API (dozens of entry points to bind
+//!   through dlopen, a JIT-compiled primitive per shape to create and cache). PyTorch's
+//!   wheels link it statically, so hosts rarely have a `libdnnl.so` to load: the embedded
+//!   CPU backend would still need its own kernels everywhere else. Its accumulation order
+//!   is unspecified and changes between versions and ISAs.
+//! - MKL (`cblas_gemm_bf16bf16f32`, `cblas_gemm_f16f16f32`): proprietary, hundreds of MB,
+//!   tuned for Intel CPUs (slow paths elsewhere), absent on most hosts. OpenBLAS: a bf16
+//!   GEMM (`sbgemm`, AVX512_BF16 and AMX) but no f16 GEMM on x86, and f16 is the default
+//!   dtype.
+//! - Either would return f32 that we round afterwards (one more pass over the output), and
+//!   neither states its summation order, so the tests could only compare within a bound.
+//!
+//! So: our own kernels, which exist on every machine, fuse the rounding into the product,
+//! state their order (checked bit for bit in the tests) and, for AMX, run through a
+//! software model of the tile instructions where the CPU has none. No library is loaded.
+
+mod amx;
+#[cfg(test)]
+mod amx_model;
+mod blocked;
+pub mod features;
+pub mod pack;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use features::Features;
+pub use pack::{Layout, PackError, PackedWeight, Storage};
+
+use crate::pow::dtype::{Dtype, Rounding};
+use blocked::{Bf16Bits, F16Bits, ScalarFma};
+
+/// Environment variable capping the product path: `auto` (default), `amx`, `avx512`,
+/// `avx2` or `scalar`; the fastest path at or below it that the CPU has is used.
+pub const MATMUL_ENV: &str = "LLAMA_POW_CPU_MATMUL";
+
+/// The most capable family a selection may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Cap {
+    Scalar,
+    Avx2,
+    Avx512,
+    /// No cap: AMX where present.
+    Amx,
+}
+
+/// A bad value of [`MATMUL_ENV`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{MATMUL_ENV}={0:?}: expected auto, amx, avx512, avx2 or scalar")]
+pub struct BadCap(pub String);
+
+impl Cap {
+    /// Parse a cap (`auto` is no cap).
+    pub fn parse(s: &str) -> Result<Cap, BadCap> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" | "amx" => Ok(Cap::Amx),
+            "avx512" => Ok(Cap::Avx512),
+            "avx2" => Ok(Cap::Avx2),
+            "scalar" => Ok(Cap::Scalar),
+            _ => Err(BadCap(s.to_owned())),
+        }
+    }
+
+    /// The cap of [`MATMUL_ENV`] (none when unset).
+    pub fn from_env() -> Result<Cap, BadCap> {
+        match std::env::var(MATMUL_ENV) {
+            Ok(v) => Cap::parse(&v),
+            Err(std::env::VarError::NotPresent) => Ok(Cap::Amx),
+            Err(std::env::VarError::NotUnicode(v)) => {
+                Err(BadCap(v.to_string_lossy().into_owned()))
+            }
+        }
+    }
+}
+
+/// A product path (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    Scalar,
+    Avx2,
+    Avx512,
+    Avx512Bf16,
+    Amx,
+    /// The AMX driver on the software model of the tile instructions (tests only).
+    #[cfg(test)]
+    AmxModel,
+}
+
+impl Kernel {
+    /// Every path the selection may choose, fastest first.
+    pub const ALL: [Kernel; 5] = [
+        Kernel::Amx,
+        Kernel::Avx512Bf16,
+        Kernel::Avx512,
+        Kernel::Avx2,
+        Kernel::Scalar,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
+            Kernel::Avx512Bf16 => "avx512-bf16",
+            Kernel::Amx => "amx",
+            #[cfg(test)]
+            Kernel::AmxModel => "amx-model",
+        }
+    }
+
+    /// The family a cap counts this path in.
+    pub fn family(self) -> Cap {
+        match self {
+            Kernel::Scalar => Cap::Scalar,
+            Kernel::Avx2 => Cap::Avx2,
+            Kernel::Avx512 | Kernel::Avx512Bf16 => Cap::Avx512,
+            Kernel::Amx => Cap::Amx,
+            #[cfg(test)]
+            Kernel::AmxModel => Cap::Amx,
+        }
+    }
+
+    /// How this path wants the weights packed.
+    pub fn layout(self) -> Layout {
+        match self {
+            Kernel::Scalar | Kernel::Avx2 | Kernel::Avx512 => Layout::Rows,
+            Kernel::Avx512Bf16 | Kernel::Amx => Layout::Pairs,
+            #[cfg(test)]
+            Kernel::AmxModel => Layout::Pairs,
+        }
+    }
+
+    /// Whether this path computes `dtype` products on a CPU with `f`.
+    pub fn runs(self, dtype: Dtype, f: &Features) -> bool {
+        match self {
+            Kernel::Scalar => true,
+            // One kernel for every dtype, so F16C (present on every AVX2 CPU) is required.
+            Kernel::Avx2 => f.avx2_fma && f.f16c,
+            Kernel::Avx512 => f.avx512f,
+            Kernel::Avx512Bf16 => dtype == Dtype::Bf16 && f.avx512_bf16,
+            Kernel::Amx => match dtype {
+                Dtype::F16 => f.amx_fp16,
+                Dtype::Bf16 => f.amx_bf16,
+                Dtype::F32 => false,
+            },
+            #[cfg(test)]
+            Kernel::AmxModel => dtype != Dtype::F32,
+        }
+    }
+
+    /// The fastest path for `dtype` on a CPU with `f`, within `cap`.
+    pub fn best(dtype: Dtype, f: &Features, cap: Cap) -> Kernel {
+        Kernel::ALL
+            .into_iter()
+            .find(|k| k.family() <= cap && k.runs(dtype, f))
+            .unwrap_or(Kernel::Scalar)
+    }
+
+    /// The path for `dtype` on this machine, within the cap of [`MATMUL_ENV`].
+    pub fn select(dtype: Dtype) -> Result<Kernel, BadCap> {
+        Ok(Kernel::best(dtype, &Features::host(), Cap::from_env()?))
+    }
+}
+
+impl std::fmt::Display for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Reinterpret 16-bit patterns as the marker type of their dtype.
+fn as_bits<T>(d: &[u16]) -> &[T] {
+    assert_eq!(std::mem::size_of::<T>(), 2);
+    assert_eq!(std::mem::align_of::<T>(), 2);
+    // SAFETY: T is F16Bits or Bf16Bits, `repr(transparent)` wrappers of u16 (size and
+    // alignment checked above), so every u16 is a valid T and the slice covers the same
+    // memory for the same lifetime.
+    unsafe { std::slice::from_raw_parts(d.as_ptr().cast::<T>(), d.len()) }
+}
+
+/// `dst[i][j] = round_T(sum_l x[i][l] w[j][l])` for `i < m`, `j < n` with the path `kernel`:
+/// row `i` of `x` starts at `i * x_row_stride`, `dst` is row-major `[m, n]`, `w` is the
+/// packed `[n, k]` weight.
+///
+/// Panics when the shapes do not fit, when `w` is not packed for `kernel` or not in the
+/// dtype of `R`, or when this CPU cannot run `kernel` (which would otherwise fault).
+pub fn linear<R: Rounding>(
+    kernel: Kernel,
+    dst: &mut [f32],
+    x: &[f32],
+    m: usize,
+    x_row_stride: usize,
+    w: &PackedWeight,
+) {
+    let (n, k) = (w.n(), w.k());
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= m * n, "linear: destination too short");
+    assert!(
+        x_row_stride >= k && x.len() >= (m - 1) * x_row_stride + k,
+        "linear: input too short"
+    );
+    assert_eq!(w.dtype(), R::DTYPE, "linear: weight dtype");
+    assert_eq!(w.layout(), kernel.layout(), "linear: weight layout");
+    assert!(
+        kernel.runs(w.dtype(), &Features::host()),
+        "linear: this CPU cannot run the {kernel} path for {}",
+        w.dtype()
+    );
+    let dst = &mut dst[..m * n];
+    if k == 0 {
+        dst.fill(0.0);
+        return;
+    }
+    let panel_len = w.panel_len();
+    macro_rules! blocked {
+        ($kernel:expr, $w:expr) => {
+            blocked::run::<_, R>(
+                &$kernel,
+                dst,
+                blocked::Operands {
+                    x,
+                    m,
+                    x_row_stride,
+                    k,
+                    w: $w,
+                    panel_len,
+                    n,
+                },
+            )
+        };
+    }
+    macro_rules! amx_ops {
+        ($w:expr) => {
+            amx::Operands {
+                x,
+                m,
+                x_row_stride,
+                k,
+                w: $w,
+                panel_len,
+                n,
+            }
+        };
+    }
+    match (kernel, w.storage(), w.dtype()) {
+        (Kernel::Scalar, Storage::F32(d), _) => blocked!(ScalarFma::<f32>::new(), d),
+        (Kernel::Scalar, Storage::Bits16(d), Dtype::F16) => {
+            blocked!(ScalarFma::<F16Bits>::new(), as_bits(d))
+        }
+        (Kernel::Scalar, Storage::Bits16(d), _) => {
+            blocked!(ScalarFma::<Bf16Bits>::new(), as_bits(d))
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx2, Storage::F32(d), _) => blocked!(x86::Fma256::<f32>::new(), d),
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx2, Storage::Bits16(d), Dtype::F16) => {
+            blocked!(x86::Fma256::<F16Bits>::new(), as_bits(d))
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx2, Storage::Bits16(d), _) => {
+            blocked!(x86::Fma256::<Bf16Bits>::new(), as_bits(d))
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx512, Storage::F32(d), _) => blocked!(x86::Fma512::<f32>::new(), d),
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx512, Storage::Bits16(d), Dtype::F16) => {
+            blocked!(x86::Fma512::<F16Bits>::new(), as_bits(d))
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx512, Storage::Bits16(d), _) => {
+            blocked!(x86::Fma512::<Bf16Bits>::new(), as_bits(d))
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx512Bf16, Storage::Bits16(d), Dtype::Bf16) => blocked!(x86::Dp512Bf16, d),
+        (Kernel::Amx, Storage::Bits16(d), Dtype::F16) => {
+            amx::run::<amx::AsmFp16, R>(|| amx::AsmTiles, dst, amx_ops!(d))
+        }
+        (Kernel::Amx, Storage::Bits16(d), Dtype::Bf16) => {
+            amx::run::<amx::AsmBf16, R>(|| amx::AsmTiles, dst, amx_ops!(d))
+        }
+        #[cfg(test)]
+        (Kernel::AmxModel, Storage::Bits16(d), Dtype::F16) => {
+            amx::run::<amx_model::TileModel<true>, R>(amx_model::TileModel::new, dst, amx_ops!(d))
+        }
+        #[cfg(test)]
+        (Kernel::AmxModel, Storage::Bits16(d), Dtype::Bf16) => {
+            amx::run::<amx_model::TileModel<false>, R>(
+                amx_model::TileModel::new,
+                dst,
+                amx_ops!(d),
+            )
+        }
+        (kernel, _, dtype) => unreachable!("{kernel} runs {dtype}, checked above"),
+    }
+}
