@@ -871,16 +871,16 @@ pub fn bytes_per_nonce(params: &Params) -> u64 {
 mod tests {
     use super::*;
 
-    /// A small deterministic generator (splitmix64) for test weights and inputs.
-    struct Filler(u64);
+    /// Deterministic test weights and inputs.
+    struct Filler(crate::splitmix::SplitMix64);
 
     impl Filler {
+        fn new(seed: u64) -> Self {
+            Filler(crate::splitmix::SplitMix64(seed))
+        }
+
         fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
+            self.0.next_u64()
         }
 
         /// Uniform in [-scale, scale), rounded to `dtype`.
@@ -898,7 +898,7 @@ mod tests {
     /// weights around 1), so that each rounding point shows in the logits.
     fn test_model(params: &Params, dtype: Dtype, seed: u64) -> ModelWeights {
         params.validate().unwrap();
-        let mut f = Filler(seed);
+        let mut f = Filler::new(seed);
         let dim = params.dim_usize();
         let qd = params.n_heads_usize() * params.head_dim();
         let kvd = params.n_kv_heads_usize() * params.head_dim();
@@ -1119,7 +1119,7 @@ mod tests {
             for (ci, (params, batch)) in cases.iter().enumerate() {
                 let w = test_model(params, dt, 1000 + ci as u64);
                 let n_in = batch * params.seq_len_usize() * params.dim_usize();
-                let inputs = Filler(77 + ci as u64).vec(n_in, 1.7, dt);
+                let inputs = Filler::new(77 + ci as u64).vec(n_in, 1.7, dt);
                 let got = forward_last_logits(&w, &inputs, *batch);
                 let vocab = params.vocab_usize();
                 assert_eq!(got.len(), batch * vocab);
@@ -1164,7 +1164,7 @@ mod tests {
         let params = shape(24, 2, 4, 2, 7, 1, 6, false);
         let w = test_model(&params, Dtype::F32, 5);
         let per = 6 * 24;
-        let inputs = Filler(9).vec(4 * per, 2.0, Dtype::F32);
+        let inputs = Filler::new(9).vec(4 * per, 2.0, Dtype::F32);
         let all = forward_last_logits(&w, &inputs, 4);
         for b in 0..4 {
             let one = forward_last_logits(&w, &inputs[b * per..(b + 1) * per], 1);
@@ -1224,7 +1224,7 @@ mod tests {
                 }
             }
         }
-        let mut f = Filler(42);
+        let mut f = Filler::new(42);
         for _ in 0..1_000_000 {
             all(f32::from_bits(f.next_u64() as u32));
         }
@@ -1249,7 +1249,7 @@ mod tests {
         let params = shape(24, 2, 4, 2, 7, 1, 6, false);
         let w = test_model(&params, Dtype::Bf16, 11);
         let per = 6 * 24;
-        let inputs = Filler(12).vec(3 * per, 1.7, Dtype::Bf16);
+        let inputs = Filler::new(12).vec(3 * per, 1.7, Dtype::Bf16);
         let mut s = ForwardScratch::new();
         let a = forward_last_logits_with(&mut s, &w, &inputs, 3);
         let held = s.bytes();
@@ -1350,7 +1350,7 @@ mod tests {
         assert_eq!(sum_squares(&x), 1.0 + 2f32.powi(-23));
         assert_eq!(x.iter().map(|v| v * v).sum::<f32>(), 1.0);
         // Rows long enough for the cascade (more than 16 rows of four vectors), awkward tails.
-        let mut f = Filler(3);
+        let mut f = Filler::new(3);
         for n in [1usize, 7, 8, 31, 64, 224, 1792, 2048 + 13, 8192, 40_000] {
             let x = f.vec(n, 3.0, Dtype::F32);
             let sq: Vec<f32> = x.iter().map(|v| v * v).collect();
