@@ -61,7 +61,7 @@ fn main() {
             let x = values(m * k, 2.0, dtype, 1);
             let w = values(n * k, 0.05, dtype, 2);
             let mut dst = vec![0f32; m * n];
-            let mut report = |path: &str, secs: f64| {
+            let report = |path: &str, secs: f64| {
                 println!(
                     "{}",
                     serde_json::json!({

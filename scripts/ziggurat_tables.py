@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Generate the 256-layer ziggurat tables of numpy's `standard_normal` for src/pow/rng.rs.
+"""Generate the 256-layer ziggurat tables of numpy's `standard_normal`
+for src/pow/ziggurat_tables.rs.
 
 The tables follow from two constants, the right edge R of the base strip and the common
 area V of every layer, by the usual downward recursion (all in IEEE double arithmetic):
@@ -21,7 +22,8 @@ When numpy is importable, the script also checks that the three tables occur byt
 in numpy's compiled random module, so the constants written out are numpy's own.
 
 Usage: python3 scripts/ziggurat_tables.py [--check]
-  rewrites the block between the GENERATED markers in src/pow/rng.rs, or with --check only
+  rewrites the block between the GENERATED markers in src/pow/ziggurat_tables.rs, or with
+  --check only
   verifies that the block is up to date (exit status 1 if not).
 """
 
@@ -97,15 +99,15 @@ def render(k, w, f):
         BEGIN,
         "// Do not edit by hand: regenerate with the script, which also checks them against numpy.",
         "#[rustfmt::skip]",
-        "static KI: [u64; 256] = [",
+        "pub(super) static KI: [u64; 256] = [",
         rows(k, lambda v: f"0x{v:016x}", 4),
         "];",
         "#[rustfmt::skip]",
-        "static WI: [f64; 256] = [",
+        "pub(super) static WI: [f64; 256] = [",
         rows(w, repr, 3),
         "];",
         "#[rustfmt::skip]",
-        "static FI: [f64; 256] = [",
+        "pub(super) static FI: [f64; 256] = [",
         rows(f, repr, 3),
         "];",
         END,
@@ -115,7 +117,7 @@ def render(k, w, f):
 
 def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    target = os.path.join(root, "src", "pow", "rng.rs")
+    target = os.path.join(root, "src", "pow", "ziggurat_tables.rs")
     k, w, f = tables()
     ok = check_against_numpy(k, w, f)
     if not ok:
@@ -129,14 +131,14 @@ def main():
     new_text = text[:start] + block + text[stop:]
     if "--check" in sys.argv[1:]:
         if new_text != text:
-            print("src/pow/rng.rs: the ziggurat tables are out of date", file=sys.stderr)
+            print("src/pow/ziggurat_tables.rs: the ziggurat tables are out of date", file=sys.stderr)
             return 1
-        print("src/pow/rng.rs: ziggurat tables up to date", file=sys.stderr)
+        print("src/pow/ziggurat_tables.rs: ziggurat tables up to date", file=sys.stderr)
         return 0
     if new_text != text:
         with open(target, "w", encoding="utf-8") as fh:
             fh.write(new_text)
-        print("src/pow/rng.rs: ziggurat tables written", file=sys.stderr)
+        print("src/pow/ziggurat_tables.rs: ziggurat tables written", file=sys.stderr)
     return 0
 
 

@@ -11,4 +11,5 @@ pub mod cli;
 pub mod engine;
 pub mod logsafe;
 pub mod pow;
+pub mod splitmix;
 pub mod telemetry;

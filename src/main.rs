@@ -28,7 +28,7 @@ enum Command {
         /// Where to compute: cpu (the reference-faithful CPU backend), cuda (the first GPU
         /// group) or auto.
         #[arg(long, value_enum, default_value = "cpu")]
-        device: llama_pow::cli::serve::DeviceChoice,
+        device: llama_pow::cli::devices::DeviceChoice,
     },
     /// Print the hashes of the pool, the parameters, the target, and the inputs and
     /// permutations of `count` nonces, to check an install against the reference.

@@ -11,10 +11,10 @@
 mod common;
 
 use common::*;
-use llama_pow::backend::cuda::{self, GpuInfo};
-use llama_pow::engine::batch::{self, JobSpec};
-use llama_pow::engine::cuda_device::CudaDevice;
-use llama_pow::engine::{CpuDevice, Device};
+use llama_pow::backend::batch;
+use llama_pow::backend::cpu::CpuBackend;
+use llama_pow::backend::cuda::{self, CudaBackend, GpuInfo};
+use llama_pow::backend::{Backend, JobSpec};
 use llama_pow::pow::dtype::Dtype;
 use llama_pow::pow::request::parse_params;
 use std::sync::{Arc, OnceLock};
@@ -29,27 +29,27 @@ fn dist_tolerance(dtype: Dtype) -> f64 {
 
 /// The GPUs of this machine as devices to test, brought up once for the whole binary; or
 /// why there are none.
-fn gpu_devices() -> &'static Result<Vec<Arc<dyn Device>>, String> {
-    static DEVICES: OnceLock<Result<Vec<Arc<dyn Device>>, String>> = OnceLock::new();
+fn gpu_devices() -> &'static Result<Vec<Arc<dyn Backend>>, String> {
+    static DEVICES: OnceLock<Result<Vec<Arc<dyn Backend>>, String>> = OnceLock::new();
     DEVICES.get_or_init(|| {
         let gpus: Vec<GpuInfo> = cuda::cuda_available().map_err(|e| e.to_string())?;
-        let mut devices: Vec<Arc<dyn Device>> = Vec::new();
+        let mut devices: Vec<Arc<dyn Backend>> = Vec::new();
         let mut opened = Vec::new();
         for g in &gpus {
-            let d = CudaDevice::open(std::slice::from_ref(g)).map_err(|e| e.to_string())?;
+            let d = CudaBackend::open(std::slice::from_ref(g)).map_err(|e| e.to_string())?;
             opened.push(d.gpus()[0].clone());
             devices.push(Arc::new(d));
         }
         if opened.len() >= 2 {
-            devices.push(Arc::new(CudaDevice::from_gpus(opened[..2].to_vec())));
+            devices.push(Arc::new(CudaBackend::from_gpus(opened[..2].to_vec())));
         }
         Ok(devices)
     })
 }
 
 /// Every device to run the parity body on.
-fn devices_under_test() -> Vec<Arc<dyn Device>> {
-    let mut devices: Vec<Arc<dyn Device>> = vec![Arc::new(CpuDevice::new())];
+fn devices_under_test() -> Vec<Arc<dyn Backend>> {
+    let mut devices: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::new())];
     match gpu_devices() {
         Ok(gpus) => devices.extend(gpus.iter().cloned()),
         Err(why) => eprintln!("CUDA part skipped: {why}"),
@@ -57,7 +57,7 @@ fn devices_under_test() -> Vec<Arc<dyn Device>> {
     devices
 }
 
-fn check_case_on(device: &dyn Device, name: &str) {
+fn check_case_on(device: &dyn Backend, name: &str) {
     let case = load(&format!("{name}.json"));
     let params = parse_params(&case["params"]).unwrap();
     let dtype: Dtype = str_of(&case["dtype"]).parse().unwrap();
@@ -69,13 +69,13 @@ fn check_case_on(device: &dyn Device, name: &str) {
     let dev = device.name();
 
     device.check(&params, dtype).unwrap();
-    let model = device.build(bh, &params, dtype).unwrap();
+    let model = device.build_model(bh, &params, dtype).unwrap();
     let job = JobSpec::new(bh, pk, &params, dtype, r_target);
 
     // Logits of the last position.
     let prepared = batch::prepare(&job, nonces.clone());
     let logits = device
-        .forward(&model, &prepared.inputs, nonces.len())
+        .forward_last_logits(&model, &prepared.inputs, nonces.len())
         .unwrap();
     let vocab = params.vocab_usize();
     let logit_tol: f64 = if dtype == Dtype::Bf16 { 1e-4 } else { 1e-5 };
@@ -106,10 +106,10 @@ fn check_case_on(device: &dyn Device, name: &str) {
         .run_batch(&model, &job, batch::prepare(&job, nonces.clone()), true)
         .unwrap();
     assert_eq!(r.nonces, nonces, "{name} on {dev}: nonces in batch order");
-    assert!(r.has_all_distances());
+    let r_dist = r.distances().expect("every distance");
     let want_dist = f64s(&case["dist"]);
     let mut max_dist = 0f64;
-    for (i, (&g, &w)) in r.dist.iter().zip(&want_dist).enumerate() {
+    for (i, (&g, &w)) in r_dist.iter().zip(&want_dist).enumerate() {
         let d = (g - w).abs();
         max_dist = max_dist.max(d);
         assert!(
@@ -141,18 +141,19 @@ fn check_case_on(device: &dyn Device, name: &str) {
     let one = device
         .run_batch(&model, &job, batch::prepare(&job, vec![nonces[0]]), true)
         .unwrap();
+    let one = one.distances().expect("every distance");
     assert!(
-        (one.dist[0] - r.dist[0]).abs() <= tol,
+        (one[0] - r_dist[0]).abs() <= tol,
         "{name} on {dev}: batch of one {} vs {}",
-        one.dist[0],
-        r.dist[0]
+        one[0],
+        r_dist[0]
     );
     let mut twice = nonces.clone();
     twice.extend(nonces.iter().map(|n| n.wrapping_add(1_000_003)));
     let big = device
         .run_batch(&model, &job, batch::prepare(&job, twice), true)
         .unwrap();
-    for (a, b) in big.dist.iter().zip(&r.dist) {
+    for (a, b) in big.distances().expect("every distance").iter().zip(r_dist) {
         assert!(
             (a - b).abs() <= tol,
             "{name} on {dev}: larger batch {a} vs {b}"
@@ -216,20 +217,21 @@ fn gpu_and_cpu_agree_on_every_distance() {
     let (bh, pk) = (str_of(&case["block_hash"]), str_of(&case["public_key"]));
     let job = JobSpec::new(bh, pk, &params, Dtype::F16, 1.4);
     let nonces: Vec<u64> = (0..64).map(|i| 7 * i + 3).collect();
-    let cpu = CpuDevice::new();
-    let cm = cpu.build(bh, &params, Dtype::F16).unwrap();
+    let cpu = CpuBackend::new();
+    let cm = cpu.build_model(bh, &params, Dtype::F16).unwrap();
     let want = cpu
         .run_batch(&cm, &job, batch::prepare(&job, nonces.clone()), true)
         .unwrap();
     for g in gpus {
-        let gm = g.build(bh, &params, Dtype::F16).unwrap();
+        let gm = g.build_model(bh, &params, Dtype::F16).unwrap();
         let got = g
             .run_batch(&gm, &job, batch::prepare(&job, nonces.clone()), true)
             .unwrap();
         let max = got
-            .dist
+            .distances()
+            .expect("every distance")
             .iter()
-            .zip(&want.dist)
+            .zip(want.distances().expect("every distance"))
             .map(|(a, b)| (a - b).abs())
             .fold(0f64, f64::max);
         eprintln!(
@@ -250,7 +252,7 @@ fn fp8_tracks_the_f16_reference_where_the_gpu_has_it_and_is_refused_elsewhere() 
     let nonces = u64s(&case["nonces"]);
     let want = f64s(&case["dist"]);
     // The CPU has no FP8: a clear refusal, never f16 in its place.
-    let e = CpuDevice::new().check(&params, Dtype::F16).unwrap_err();
+    let e = CpuBackend::new().check(&params, Dtype::F16).unwrap_err();
     assert!(e.to_string().contains("use_fp8"), "{e}");
     let gpus = match gpu_devices() {
         Ok(g) => g,
@@ -265,13 +267,13 @@ fn fp8_tracks_the_f16_reference_where_the_gpu_has_it_and_is_refused_elsewhere() 
             assert!(e.to_string().contains("use_fp8"), "{e}");
             continue;
         }
-        let m = g.build(bh, &params, Dtype::F16).unwrap();
+        let m = g.build_model(bh, &params, Dtype::F16).unwrap();
         let job = JobSpec::new(bh, pk, &params, Dtype::F16, 1.4);
         let r = g
             .run_batch(&m, &job, batch::prepare(&job, nonces.clone()), true)
             .unwrap();
-        let max = r
-            .dist
+        let dist = r.distances().expect("every distance");
+        let max = dist
             .iter()
             .zip(&want)
             .map(|(a, b)| (a - b).abs())
@@ -283,7 +285,7 @@ fn fp8_tracks_the_f16_reference_where_the_gpu_has_it_and_is_refused_elsewhere() 
         // FP8 is a coarser arithmetic, not a different computation: distances stay near
         // the reference's (they spread about 0.01 around sqrt(2)); garbage (a wrong scale,
         // NaN) lands far away.
-        assert!(r.dist.iter().all(|d| d.is_finite()));
+        assert!(dist.iter().all(|d| d.is_finite()));
         assert!(max < 5e-3, "{}: {max:e}", g.name());
     }
 }
@@ -302,10 +304,10 @@ fn cuda_graphs_replay_the_same_distances() {
     let (bh, pk) = (str_of(&case["block_hash"]), str_of(&case["public_key"]));
     let job = JobSpec::new(bh, pk, &params, Dtype::F16, 1.4);
     let nonces: Vec<u64> = (0..24).collect();
-    let plain = CudaDevice::open(&gpus[..1]).unwrap();
-    let graphs = CudaDevice::open(&gpus[..1]).unwrap().with_graphs(true);
-    let pm = plain.build(bh, &params, Dtype::F16).unwrap();
-    let gm = graphs.build(bh, &params, Dtype::F16).unwrap();
+    let plain = CudaBackend::open(&gpus[..1]).unwrap();
+    let graphs = CudaBackend::open(&gpus[..1]).unwrap().with_graphs(true);
+    let pm = plain.build_model(bh, &params, Dtype::F16).unwrap();
+    let gm = graphs.build_model(bh, &params, Dtype::F16).unwrap();
     let want = plain
         .run_batch(&pm, &job, batch::prepare(&job, nonces.clone()), true)
         .unwrap();

@@ -293,7 +293,6 @@ fn bench_json_prints_exactly_one_object() {
     assert!(v["results"][0]["nonces_per_second"].as_f64().unwrap() > 0.0);
     // CUDA discovery is part of the report: GPUs, or why there are none.
     let cuda = &v["cuda"];
-    assert_eq!(cuda["forward_pass"], true);
     if cuda["available"] == false {
         assert!(!cuda["unavailable_reason"].as_str().unwrap().is_empty());
     } else {

@@ -2,9 +2,9 @@
 //! first GPU group with `--device cuda` (the distances then come from the GPU's own tail: the
 //! way to compare a GPU against the reference nonce by nonce).
 
-use super::serve::{resolve_devices, DeviceChoice};
-use crate::engine::batch::{self, BatchResult, JobSpec};
-use crate::engine::Device;
+use super::devices::{resolve_devices, DeviceChoice};
+use crate::backend::batch;
+use crate::backend::{Backend, BatchResult, JobSpec};
 use crate::pow::request::{ComputeRequest, DEFAULT_BATCH_SIZE};
 use std::sync::Arc;
 
@@ -19,10 +19,10 @@ pub fn run(req: &ComputeRequest, device: DeviceChoice) -> anyhow::Result<BatchRe
 }
 
 /// [`run`] on a given device.
-pub fn run_on(req: &ComputeRequest, device: &Arc<dyn Device>) -> anyhow::Result<BatchResult> {
+pub fn run_on(req: &ComputeRequest, device: &Arc<dyn Backend>) -> anyhow::Result<BatchResult> {
     let p = &req.proof;
     device.check(&p.params, req.dtype)?;
-    let model = device.build(&p.block_hash, &p.params, req.dtype)?;
+    let model = device.build_model(&p.block_hash, &p.params, req.dtype)?;
     let job = JobSpec::new(
         &p.block_hash,
         &p.public_key,

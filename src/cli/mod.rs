@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod compute;
+pub mod devices;
 pub mod facts;
 pub mod serve;
 
@@ -9,6 +10,18 @@ use crate::pow::request::ComputeRequest;
 use anyhow::Context;
 use std::io::Read;
 use std::path::Path;
+use std::time::Duration;
+
+/// A command-line number of seconds: positive and finite.
+pub(crate) fn seconds(s: &str) -> Result<Duration, String> {
+    let x: f64 = s
+        .parse()
+        .map_err(|_| format!("expected a number of seconds, got {s:?}"))?;
+    if !x.is_finite() || x <= 0.0 || x > 1e9 {
+        return Err(format!("expected a positive number of seconds, got {s}"));
+    }
+    Ok(Duration::from_secs_f64(x))
+}
 
 /// Read a compute/facts request from `--request FILE` or standard input.
 pub fn read_request(path: Option<&Path>) -> anyhow::Result<ComputeRequest> {

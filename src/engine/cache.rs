@@ -1,7 +1,7 @@
 //! Built models kept across jobs, per (block_hash, params, dtype): one model per device of
 //! the engine, least recently used evicted first.
 
-use super::device::AnyModel;
+use crate::backend::Model;
 use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
 
@@ -16,7 +16,7 @@ pub struct ModelKey {
 struct Entry {
     key: ModelKey,
     /// One model per device, in device order.
-    models: Vec<AnyModel>,
+    models: Vec<Model>,
     last_used: u64,
 }
 
@@ -46,7 +46,7 @@ impl ModelCache {
     }
 
     /// The models of `key`, marked as just used.
-    pub fn get(&mut self, key: &ModelKey) -> Option<Vec<AnyModel>> {
+    pub fn get(&mut self, key: &ModelKey) -> Option<Vec<Model>> {
         self.clock += 1;
         let now = self.clock;
         self.entries.iter_mut().find(|e| &e.key == key).map(|e| {
@@ -64,7 +64,7 @@ impl ModelCache {
     }
 
     /// Keep `models` for `key`.
-    pub fn insert(&mut self, key: ModelKey, models: Vec<AnyModel>) {
+    pub fn insert(&mut self, key: ModelKey, models: Vec<Model>) {
         if self.capacity == 0 {
             return;
         }

@@ -2,8 +2,8 @@
 //!
 //! The cap is the request's batch size (already cut to fit `max_batch_bytes`, see
 //! [`Engine::effective_batch_size`](super::Engine::effective_batch_size)) and, when the device
-//! knows it, the largest batch its free memory takes ([`Device::max_batch`]). A device that
-//! computes while the host prepares (a GPU, [`Device::overlaps_preparation`]) does not start
+//! knows it, the largest batch its free memory takes ([`Backend::max_batch`]). A device that
+//! computes while the host prepares (a GPU, [`Backend::overlaps_preparation`]) does not start
 //! at the cap: its first batch is small ([`FIRST_BATCH`] nonces) so that a first result comes
 //! out quickly after a cold start, and the size then doubles each batch while the measured
 //! throughput (nonces per second of device time) improves by more than [`MIN_GAIN`] over the
@@ -15,8 +15,8 @@
 //! next size is already on its way, and its measurement still counts (the sizer settles at
 //! whichever measured size was best).
 //!
-//! [`Device::max_batch`]: super::device::Device::max_batch
-//! [`Device::overlaps_preparation`]: super::device::Device::overlaps_preparation
+//! [`Backend::max_batch`]: crate::backend::Backend::max_batch
+//! [`Backend::overlaps_preparation`]: crate::backend::Backend::overlaps_preparation
 
 use std::time::Duration;
 
@@ -46,7 +46,7 @@ enum Phase {
 
 impl BatchSizer {
     /// `requested`: the request's batch size (already clamped to the engine's memory bound);
-    /// `device_max`: [`Device::max_batch`](super::device::Device::max_batch); `ramp`: whether
+    /// `device_max`: [`Backend::max_batch`](crate::backend::Backend::max_batch); `ramp`: whether
     /// to search for the size (devices that overlap preparation) or use the cap throughout.
     pub fn new(requested: usize, device_max: Option<usize>, ramp: bool) -> Self {
         let cap = device_max.map_or(requested, |m| requested.min(m)).max(1);

@@ -9,3 +9,4 @@ pub mod request;
 pub mod rng;
 pub mod seeds;
 pub mod weights;
+mod ziggurat_tables;

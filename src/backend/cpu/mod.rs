@@ -25,13 +25,13 @@
 
 pub mod matmul;
 
-use super::{Backend, BackendError};
+use super::{downcast_model, Backend, BackendError, Model};
 use crate::pow::dtype::{Dtype, RoundBf16, RoundF16, RoundF32, Rounding};
 use crate::pow::params::Params;
 use crate::pow::weights::{self, LayerWeights, ModelWeights};
 use gemm::Parallelism;
 use rayon::prelude::*;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Elements per rayon task in elementwise passes.
 const ELEMWISE_CHUNK: usize = 1 << 14;
@@ -763,30 +763,9 @@ fn fp8_unsupported() -> BackendError {
     )
 }
 
-impl Backend for CpuBackend {
-    type Model = ModelWeights;
-
-    fn name(&self) -> String {
-        "cpu".into()
-    }
-
-    fn build_model(
-        &self,
-        block_hash: &str,
-        params: &Params,
-        dtype: Dtype,
-    ) -> Result<ModelWeights, BackendError> {
-        params
-            .validate()
-            .map_err(|e| BackendError::Unsupported(e.to_string()))?;
-        if params.use_fp8 {
-            return Err(fp8_unsupported());
-        }
-        check_model_fits(params, mem_available_bytes())?;
-        Ok(ModelWeights::build(block_hash, params, dtype))
-    }
-
-    fn forward_last_logits(
+impl CpuBackend {
+    /// The forward pass of a model this backend built, with the inputs' length checked.
+    pub fn forward(
         &self,
         model: &ModelWeights,
         inputs: &[f32],
@@ -820,22 +799,90 @@ impl Backend for CpuBackend {
     }
 }
 
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn check(&self, params: &Params, _dtype: Dtype) -> Result<(), BackendError> {
+        params
+            .validate()
+            .map_err(|e| BackendError::Unsupported(e.to_string()))?;
+        if params.use_fp8 {
+            return Err(BackendError::Unsupported(
+                "params.use_fp8: this server computes on the CPU, which has no FP8 support; \
+                 send use_fp8 false"
+                    .into(),
+            ));
+        }
+        check_model_fits(params, mem_available_bytes())
+    }
+
+    fn warm_up(&self) {
+        // Start rayon's global pool so that the first batch does not pay for it.
+        rayon::broadcast(|_| ());
+    }
+
+    fn build_model(
+        &self,
+        block_hash: &str,
+        params: &Params,
+        dtype: Dtype,
+    ) -> Result<Model, BackendError> {
+        params
+            .validate()
+            .map_err(|e| BackendError::Unsupported(e.to_string()))?;
+        if params.use_fp8 {
+            return Err(fp8_unsupported());
+        }
+        check_model_fits(params, mem_available_bytes())?;
+        Ok(Arc::new(ModelWeights::build(block_hash, params, dtype)))
+    }
+
+    fn forward_last_logits(
+        &self,
+        model: &Model,
+        inputs: &[f32],
+        batch: usize,
+    ) -> Result<Vec<f32>, BackendError> {
+        let m = downcast_model::<ModelWeights>(model, &self.name())?;
+        self.forward(m, inputs, batch)
+    }
+
+    /// The CPU computes in host memory: the whole forward pass's activations.
+    fn bytes_per_nonce(&self, params: &Params) -> u64 {
+        bytes_per_nonce(params)
+    }
+}
+
+/// Rough bytes one nonce occupies during a CPU forward pass (inputs, activations, scores,
+/// logits and permutation), to cap a batch so that a large `batch_size` cannot exhaust memory.
+pub fn bytes_per_nonce(params: &Params) -> u64 {
+    let seq = params.seq_len.max(1) as u64;
+    let dim = params.dim.max(1) as u64;
+    let hidden = params.ffn_hidden() as u64;
+    let heads = params.n_heads.max(1) as u64;
+    let vocab = params.vocab_size.max(1) as u64;
+    let activations = seq * (6 * dim + 3 * hidden) + heads * seq * seq;
+    (activations + 4 * vocab) * 4
+}
+
 #[cfg(test)]
 // The reference implementations below index on purpose: they read like the formulas.
 #[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
 
-    /// A small deterministic generator (splitmix64) for test weights and inputs.
-    struct Filler(u64);
+    /// Deterministic test weights and inputs.
+    struct Filler(crate::splitmix::SplitMix64);
 
     impl Filler {
+        fn new(seed: u64) -> Self {
+            Filler(crate::splitmix::SplitMix64(seed))
+        }
+
         fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
+            self.0.next_u64()
         }
 
         /// Uniform in [-scale, scale), rounded to `dtype`.
@@ -853,7 +900,7 @@ mod tests {
     /// weights around 1), so that each rounding point shows in the logits.
     fn test_model(params: &Params, dtype: Dtype, seed: u64) -> ModelWeights {
         params.validate().unwrap();
-        let mut f = Filler(seed);
+        let mut f = Filler::new(seed);
         let dim = params.dim_usize();
         let qd = params.n_heads_usize() * params.head_dim();
         let kvd = params.n_kv_heads_usize() * params.head_dim();
@@ -1074,7 +1121,7 @@ mod tests {
             for (ci, (params, batch)) in cases.iter().enumerate() {
                 let w = test_model(params, dt, 1000 + ci as u64);
                 let n_in = batch * params.seq_len_usize() * params.dim_usize();
-                let inputs = Filler(77 + ci as u64).vec(n_in, 1.7, dt);
+                let inputs = Filler::new(77 + ci as u64).vec(n_in, 1.7, dt);
                 let got = forward_last_logits(&w, &inputs, *batch);
                 let vocab = params.vocab_usize();
                 assert_eq!(got.len(), batch * vocab);
@@ -1119,7 +1166,7 @@ mod tests {
         let params = shape(24, 2, 4, 2, 7, 1, 6, false);
         let w = test_model(&params, Dtype::F32, 5);
         let per = 6 * 24;
-        let inputs = Filler(9).vec(4 * per, 2.0, Dtype::F32);
+        let inputs = Filler::new(9).vec(4 * per, 2.0, Dtype::F32);
         let all = forward_last_logits(&w, &inputs, 4);
         for b in 0..4 {
             let one = forward_last_logits(&w, &inputs[b * per..(b + 1) * per], 1);
@@ -1179,7 +1226,7 @@ mod tests {
                 }
             }
         }
-        let mut f = Filler(42);
+        let mut f = Filler::new(42);
         for _ in 0..1_000_000 {
             all(f32::from_bits(f.next_u64() as u32));
         }
@@ -1204,7 +1251,7 @@ mod tests {
         let params = shape(24, 2, 4, 2, 7, 1, 6, false);
         let w = test_model(&params, Dtype::Bf16, 11);
         let per = 6 * 24;
-        let inputs = Filler(12).vec(3 * per, 1.7, Dtype::Bf16);
+        let inputs = Filler::new(12).vec(3 * per, 1.7, Dtype::Bf16);
         let mut s = ForwardScratch::new();
         let a = forward_last_logits_with(&mut s, &w, &inputs, 3);
         let held = s.bytes();
@@ -1217,8 +1264,8 @@ mod tests {
         assert_eq!(a, forward_last_logits(&w, &inputs, 3));
         // Through the backend, twice (the second call reuses the kept buffers).
         let be = CpuBackend::new();
-        assert_eq!(be.forward_last_logits(&w, &inputs, 3).unwrap(), a);
-        assert_eq!(be.forward_last_logits(&w, &inputs, 3).unwrap(), a);
+        assert_eq!(be.forward(&w, &inputs, 3).unwrap(), a);
+        assert_eq!(be.forward(&w, &inputs, 3).unwrap(), a);
         be.release_scratch();
     }
 
@@ -1305,7 +1352,7 @@ mod tests {
         assert_eq!(sum_squares(&x), 1.0 + 2f32.powi(-23));
         assert_eq!(x.iter().map(|v| v * v).sum::<f32>(), 1.0);
         // Rows long enough for the cascade (more than 16 rows of four vectors), awkward tails.
-        let mut f = Filler(3);
+        let mut f = Filler::new(3);
         for n in [1usize, 7, 8, 31, 64, 224, 1792, 2048 + 13, 8192, 40_000] {
             let x = f.vec(n, 3.0, Dtype::F32);
             let sq: Vec<f32> = x.iter().map(|v| v * v).collect();
@@ -1419,18 +1466,103 @@ mod tests {
         let w = test_model(&params, Dtype::F16, 3);
         let be = CpuBackend::new();
         assert_eq!(be.name(), "cpu");
-        let e = be.forward_last_logits(&w, &[0.0; 35], 1).unwrap_err();
+        let e = be.forward(&w, &[0.0; 35], 1).unwrap_err();
         assert!(
             matches!(e, BackendError::Unsupported(_)) && e.to_string().contains("36"),
             "{e}"
         );
-        let ok = be.forward_last_logits(&w, &[0.5; 72], 2).unwrap();
+        let ok = be.forward(&w, &[0.5; 72], 2).unwrap();
         assert_eq!(ok.len(), 14);
         let mut w8 = w.clone();
         w8.params.use_fp8 = true;
-        let e = be.forward_last_logits(&w8, &[0.5; 36], 1).unwrap_err();
+        let e = be.forward(&w8, &[0.5; 36], 1).unwrap_err();
         assert!(e.to_string().contains("FP8 tensor cores"), "{e}");
         let e = be.build_model("00", &w8.params, Dtype::F16).unwrap_err();
         assert!(e.to_string().contains("FP8 tensor cores"), "{e}");
+    }
+
+    fn small() -> Params {
+        Params {
+            dim: 32,
+            n_layers: 1,
+            n_heads: 2,
+            n_kv_heads: 2,
+            vocab_size: 40,
+            multiple_of: 32,
+            seq_len: 4,
+            ..Params::default()
+        }
+    }
+
+    #[test]
+    fn cpu_backend_refuses_fp8_and_builds_tiny() {
+        let d = CpuBackend::new();
+        let mut p = Params {
+            dim: 64,
+            n_layers: 1,
+            n_heads: 4,
+            n_kv_heads: 4,
+            vocab_size: 50,
+            multiple_of: 32,
+            seq_len: 4,
+            ..Params::default()
+        };
+        d.check(&p, Dtype::F16).unwrap();
+        let m = d.build_model("h", &p, Dtype::F16).unwrap();
+        let inputs = vec![0.5f32; 2 * 4 * 64];
+        assert_eq!(d.forward_last_logits(&m, &inputs, 2).unwrap().len(), 100);
+        p.use_fp8 = true;
+        assert!(d
+            .check(&p, Dtype::F16)
+            .unwrap_err()
+            .to_string()
+            .contains("use_fp8"));
+        let wrong: Model = Arc::new(3u8);
+        assert!(d.forward_last_logits(&wrong, &inputs, 2).is_err());
+        assert!(bytes_per_nonce(&p) > 0);
+    }
+
+    #[test]
+    fn default_run_batch_is_forward_then_finish() {
+        use crate::backend::batch::{self, JobSpec};
+        let d = CpuBackend::new();
+        let p = small();
+        assert!(!d.overlaps_preparation());
+        let m = d.build_model("bh", &p, Dtype::F16).unwrap();
+        assert_eq!(d.max_batch(&m, &p), None);
+        let nonces: Vec<u64> = (10..26).collect();
+        // An r_target between the distances, so that some nonces are proofs and some not.
+        let mut job = JobSpec::new("bh", "pk", &p, Dtype::F16, f64::INFINITY);
+        let all = d
+            .run_batch(&m, &job, batch::prepare(&job, nonces.clone()), true)
+            .unwrap();
+        let mut sorted = all.distances().unwrap().to_vec();
+        sorted.sort_by(f64::total_cmp);
+        job.r_target = sorted[nonces.len() / 2];
+
+        let prepared = batch::prepare(&job, nonces.clone());
+        let logits = d
+            .forward_last_logits(&m, &prepared.inputs, prepared.nonces.len())
+            .unwrap();
+        let want = batch::finish(&job, prepared.clone(), &logits);
+        assert_eq!(want.nonces, nonces);
+        assert_eq!(want.dist, all.dist);
+        assert_eq!(want.valid_nonces.len(), nonces.len() / 2);
+        assert!(want.distances().is_some());
+
+        let got = d.run_batch(&m, &job, prepared.clone(), true).unwrap();
+        assert_eq!(got, want);
+
+        // Without all_distances: every nonce, only the proofs' distances.
+        let got = d.run_batch(&m, &job, prepared, false).unwrap();
+        assert_eq!(got.nonces, nonces);
+        assert_eq!(got.valid_nonces, want.valid_nonces);
+        assert_eq!(got.valid_dist, want.valid_dist);
+        assert!(got.distances().is_none());
+        assert!(got.valid_dist.iter().all(|&x| x < job.r_target));
+
+        let wrong: Model = Arc::new(3u8);
+        let prepared = batch::prepare(&job, nonces);
+        assert!(d.run_batch(&wrong, &job, prepared, false).is_err());
     }
 }

@@ -866,7 +866,7 @@ fn fill_random(
     if head == 0 {
         return Ok(());
     }
-    let mut rng = SplitMix64(seed);
+    let mut rng = crate::splitmix::SplitMix64(seed);
     let values: Vec<f32> = (0..head / elem)
         .map(|_| dtype.round((rng.unit() - 0.5) as f32 * 0.25))
         .collect();
@@ -895,24 +895,6 @@ fn encode(dtype: Dtype, values: &[f32]) -> Vec<u8> {
             .iter()
             .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
             .collect(),
-    }
-}
-
-/// A small deterministic generator for fill data (quality is irrelevant here).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
@@ -1228,7 +1210,7 @@ mod tests {
     /// unwritten shows up.
     fn check(
         gemm: &Gemm,
-        rng: &mut SplitMix64,
+        rng: &mut crate::splitmix::SplitMix64,
         dtype: Dtype,
         (m, n, k, x_stride, offset): (usize, usize, usize, usize, usize),
     ) {
@@ -1246,7 +1228,7 @@ mod tests {
         // final one to the dtype.
         let mut value = || match dtype {
             Dtype::F32 => (rng.unit() * 2.0 - 1.0) as f32,
-            _ => ((rng.next() % 129) as i32 - 64) as f32 / 64.0,
+            _ => ((rng.next_u64() % 129) as i32 - 64) as f32 / 64.0,
         };
         let mut x = vec![f32::NAN; offset + (m - 1) * x_stride + k];
         for i in 0..m {
@@ -1330,7 +1312,7 @@ mod tests {
             // Rows not 16-byte multiples, starting one element past an aligned address.
             (3, 5, 7, 9, 1),
         ];
-        let mut rng = SplitMix64(7);
+        let mut rng = crate::splitmix::SplitMix64(7);
         for dtype in Dtype::ALL {
             for case in cases {
                 check(&gemm, &mut rng, dtype, case);

@@ -6,25 +6,25 @@
 //! every library the backend needs is present before it calls into any of them, and catches
 //! a panic from a library that loads but lacks a symbol: discovery never panics.
 //!
-//! The forward pass on a GPU group: [`gpu`] (a device brought up: context, stream, kernels,
+//! GPUs are formed into groups ([`groups`], the reference's rule), and each group is one
+//! [`CudaBackend`] ([`backend`]): [`gpu`] (a device brought up: context, stream, kernels,
 //! cuBLASLt; device buffers), [`launch`] (one launcher module per kernel family), [`gemm`]
 //! (the matrix products), [`model`] (weights built on the devices from the pool) and
-//! [`forward`] (the CPU backend's steps, queued on the GPU, and the tail). The engine drives
-//! it through [`crate::engine::cuda_device::CudaDevice`].
+//! [`forward`] (the CPU backend's steps, queued on the GPU, and the tail).
 
+pub mod backend;
 pub mod forward;
 pub mod gemm;
 pub mod gpu;
+pub mod groups;
 pub mod kernels;
 pub mod launch;
 pub mod model;
 
+pub use backend::CudaBackend;
+
 use cudarc::driver::{result as drv, CudaContext};
 use serde::Serialize;
-
-/// Whether this build has a CUDA forward pass that the engine can drive (device selection
-/// refuses CUDA in a build without one; see [`crate::cli::serve::plan_devices`]).
-pub const HAS_FORWARD: bool = true;
 
 /// One GPU as the driver reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -14,9 +14,10 @@
 
 use super::local::{check_dtypes, devices, job_params};
 use super::{flop_per_nonce, non_embedding_params, unix_seconds, BenchArgs, Progress};
-use crate::cli::serve::DtypeChoice;
-use crate::engine::batch::{prepare, JobSpec};
-use crate::engine::{Device, EngineOptions};
+use crate::backend::batch::prepare;
+use crate::backend::{Backend, JobSpec};
+use crate::cli::devices::DtypeChoice;
+use crate::engine::EngineOptions;
 use crate::pow::params::Params;
 use crate::pow::proof;
 use anyhow::Context;
@@ -211,7 +212,7 @@ impl DtypeRun {
 
 /// Build `choice`'s model on `device` and compute nonces `0..n` with every distance kept.
 fn compute(
-    device: &dyn Device,
+    device: &dyn Backend,
     args: &BenchArgs,
     params: &Params,
     choice: DtypeChoice,
@@ -225,7 +226,7 @@ fn compute(
     progress.line(&format!("{name} on {dev}: building the model"));
     let t = Instant::now();
     let model = device
-        .build(&args.block_hash, &p, dtype)
+        .build_model(&args.block_hash, &p, dtype)
         .map_err(|e| anyhow::anyhow!("{name} on {dev}: building the model: {e}"))?;
     let build_seconds = t.elapsed().as_secs_f64();
     // The batch, cut as the engine cuts it: to its host-memory bound and the device's own.
@@ -250,15 +251,18 @@ fn compute(
             .run_batch(&model, &job, batch, true)
             .map_err(|e| anyhow::anyhow!("{name} on {dev}: {e}"))?;
         let computed = t.elapsed();
-        if r.nonces != nonces || !r.has_all_distances() {
-            anyhow::bail!(
-                "{name} on {dev}: a batch of {} nonces came back with {} nonces and {} distances",
+        let n_dist = r.distances().map_or(0, <[f64]>::len);
+        match r.dist {
+            Some(dist) if r.nonces == nonces && dist.len() == nonces.len() => {
+                Ok((dist, prepared, computed))
+            }
+            _ => anyhow::bail!(
+                "{name} on {dev}: a batch of {} nonces came back with {} nonces and {n_dist} \
+                 distances",
                 nonces.len(),
                 r.nonces.len(),
-                r.dist.len()
-            );
+            ),
         }
-        Ok((r.dist, prepared, computed))
     };
     // Warm-up (kernels compiled, products tuned), not timed.
     run((0..batch_size as u64).collect())?;

@@ -9,8 +9,9 @@ use super::{
     flop_per_nonce, non_embedding_params, unix_seconds, BenchArgs, GpuSampler, Progress,
     METRICS_FILE, PLOT_FILE,
 };
-use crate::cli::serve::{DeviceChoice, DtypeChoice};
-use crate::engine::{Device, Engine, EngineOptions, GenerateJob, Job, JobEvent, ModelSpec};
+use crate::backend::Backend;
+use crate::cli::devices::{DeviceChoice, DtypeChoice};
+use crate::engine::{Engine, EngineOptions, GenerateJob, Job, JobEvent, ModelSpec};
 use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
 use crate::telemetry::{sku, system, GpuMonitor};
@@ -32,14 +33,14 @@ pub const GOAL_REFERENCE_RATIO: f64 = 1.3;
 pub const REFERENCE_MIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The devices of `--device` and, when `auto` fell back to the CPU, why (see
-/// [`crate::cli::serve::resolve_devices`]).
+/// [`crate::cli::devices::resolve_devices`]).
 pub fn devices(
     choice: DeviceChoice,
     params: &Params,
     cuda_graphs: bool,
-) -> anyhow::Result<crate::cli::serve::ResolvedDevices> {
+) -> anyhow::Result<crate::cli::devices::ResolvedDevices> {
     // GPUs grouped for the params being measured.
-    crate::cli::serve::resolve_devices(choice, params, cuda_graphs)
+    crate::cli::devices::resolve_devices(choice, params, cuda_graphs)
 }
 
 /// The params a job of `params` runs with in `choice`: FP8 products for fp8, as the engine's
@@ -53,7 +54,7 @@ pub fn job_params(params: &Params, choice: DtypeChoice) -> Params {
 /// Every dtype of `choices` checked on every device before anything is computed, so that one
 /// the devices cannot do (fp8 on the CPU) fails at once with the device's reason.
 pub fn check_dtypes(
-    devices: &[Arc<dyn Device>],
+    devices: &[Arc<dyn Backend>],
     params: &Params,
     params_source: &str,
     choices: &[DtypeChoice],

@@ -96,7 +96,8 @@ pub mod plot;
 pub mod server;
 pub mod stats;
 
-use super::serve::{seconds, DeviceChoice, DtypeChoice};
+use super::devices::{DeviceChoice, DtypeChoice};
+use super::seconds;
 use crate::pow::params::Params;
 use crate::telemetry::{GpuMonitor, GpuSample};
 use anyhow::Context;
@@ -353,13 +354,11 @@ fn cuda_report() -> Value {
             "available": true,
             "gpus": gpus,
             "nvrtc_version": nvrtc,
-            "forward_pass": cuda::HAS_FORWARD,
         }),
         Err(why) => serde_json::json!({
             "available": false,
             "unavailable_reason": why.to_string(),
             "nvrtc_version": nvrtc,
-            "forward_pass": cuda::HAS_FORWARD,
         }),
     }
 }

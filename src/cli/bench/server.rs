@@ -35,23 +35,13 @@ struct Line {
     error: Option<String>,
 }
 
-/// A tiny generator for the probes' exponential gaps (splitmix64).
-struct Gaps(u64);
+/// The probes' exponential gaps.
+struct Gaps(crate::splitmix::SplitMix64);
 
 impl Gaps {
-    fn next_unit(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        // In (0, 1].
-        ((z >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    }
-
     /// An exponential gap of mean 1 / rate seconds.
     fn gap(&mut self, rate: f64) -> Duration {
-        Duration::from_secs_f64((-self.next_unit().ln() / rate).min(3600.0))
+        Duration::from_secs_f64((-self.0.unit_nonzero().ln() / rate).min(3600.0))
     }
 }
 
@@ -114,7 +104,7 @@ async fn drive(
         let health_url = join(url, "/health");
         let seed = (unix_seconds() * 1e9) as u64 ^ u64::from(std::process::id());
         Some(tokio::spawn(async move {
-            let mut gaps = Gaps(seed);
+            let mut gaps = Gaps(crate::splitmix::SplitMix64(seed));
             let mut tasks = Vec::new();
             let mut next = tokio::time::Instant::now() + gaps.gap(rate);
             loop {

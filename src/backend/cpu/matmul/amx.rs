@@ -265,7 +265,7 @@ pub(super) fn run<U: TileUnit, R: Rounding>(
             let mut staging = Staging([[0f32; PANEL]; BLOCK_ROWS]);
             let a_stride = 2 * k_pad;
             let a_base = a16.as_ptr().cast::<u8>();
-            // SAFETY (for the tile calls below): the unit is configured first and released
+            // SAFETY: (the tile calls below) the unit is configured first and released
             // last, on this thread. A tile loads rows r0..r0 + 16 of the 32-row block at
             // input kb * 32, 64 bytes each: inside `a16` (32 rows of k_pad values, k_pad a
             // multiple of 32). B tiles load 16 pair rows of 128 bytes from input pair

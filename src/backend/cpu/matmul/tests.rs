@@ -40,7 +40,7 @@ impl Rng {
     /// f32, and no sum is a negative zero (whose sign would depend on the order).
     fn exact(&mut self) -> f32 {
         let v = (self.next() % 7) as f32 + 1.0;
-        let v = if self.next() % 2 == 0 { v } else { -v };
+        let v = if self.next().is_multiple_of(2) { v } else { -v };
         v * [0.25, 0.5, 1.0, 2.0][(self.next() % 4) as usize]
     }
 }

@@ -1,21 +1,21 @@
-//! A GPU group as one worker's device: the model's layers split across the group's GPUs,
+//! A GPU group as one worker's backend: the model's layers split across the group's GPUs,
 //! batches forwarded there, and the tail (distances, r_target filter) computed on the last
 //! GPU so that only the proofs come back.
 
-use super::batch::{BatchResult, JobSpec, PreparedBatch};
-use super::device::{downcast_model, AnyModel, Device};
-use crate::backend::cuda::forward::{self, TailOutput};
-use crate::backend::cuda::gpu::{Gpu, GpuError};
-use crate::backend::cuda::model::{self, GpuModel, RESERVE_BYTES};
-use crate::backend::cuda::GpuInfo;
-use crate::backend::BackendError;
+use super::forward::{self, TailOutput};
+use super::gpu::{Gpu, GpuError};
+use super::model::{self, GpuModel, RESERVE_BYTES};
+use super::GpuInfo;
+use crate::backend::{
+    downcast_model, Backend, BackendError, BatchResult, JobSpec, Model, PreparedBatch,
+};
 use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
 use std::sync::Arc;
 
-/// One GPU group.
+/// One GPU group, brought up.
 #[derive(Debug)]
-pub struct CudaDevice {
+pub struct CudaBackend {
     gpus: Vec<Arc<Gpu>>,
     /// Replay each batch size's launch sequence as a captured CUDA graph (`--cuda-graphs`).
     graphs: bool,
@@ -23,7 +23,7 @@ pub struct CudaDevice {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-impl CudaDevice {
+impl CudaBackend {
     /// Bring up every GPU of a group (contexts, kernels, cuBLASLt), in order.
     pub fn open(group: &[GpuInfo]) -> Result<Self, GpuError> {
         let gpus = group
@@ -36,7 +36,7 @@ impl CudaDevice {
     /// A group of GPUs already brought up (shared with other groupings of the same GPUs).
     pub fn from_gpus(gpus: Vec<Arc<Gpu>>) -> Self {
         assert!(!gpus.is_empty(), "a GPU group has at least one GPU");
-        CudaDevice {
+        CudaBackend {
             gpus,
             graphs: false,
         }
@@ -53,7 +53,7 @@ impl CudaDevice {
         &self.gpus
     }
 
-    fn model<'a>(&self, model: &'a AnyModel) -> Result<&'a GpuModel, BackendError> {
+    fn model<'a>(&self, model: &'a Model) -> Result<&'a GpuModel, BackendError> {
         downcast_model(model, &self.name())
     }
 }
@@ -62,14 +62,6 @@ impl CudaDevice {
 fn group_name(gpus: &[Arc<Gpu>]) -> String {
     let ids: Vec<String> = gpus.iter().map(|g| g.ordinal().to_string()).collect();
     format!("cuda:{}", ids.join("+"))
-}
-
-/// One GPU of a group, as [`check_group`] sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupGpu {
-    pub name: String,
-    pub total_bytes: u64,
-    pub compute_capability: (i32, i32),
 }
 
 /// The architectures whose tensor cores multiply E4M3 (Ada sm_89, Hopper sm_90, Blackwell
@@ -82,7 +74,7 @@ pub fn has_fp8(compute_capability: (i32, i32)) -> bool {
 /// (`use_fp8`) a GPU that multiplies E4M3, f16 or bf16 activations and every product's
 /// sizes a multiple of 16; and every stage with one nonce's scratch within its GPU's total
 /// memory (free memory depends on which models are cached; building evicts them as needed).
-pub fn check_group(params: &Params, dtype: Dtype, gpus: &[GroupGpu]) -> Result<(), BackendError> {
+pub fn check_group(params: &Params, dtype: Dtype, gpus: &[GpuInfo]) -> Result<(), BackendError> {
     params
         .validate()
         .map_err(|e| BackendError::Unsupported(e.to_string()))?;
@@ -101,7 +93,7 @@ pub fn check_group(params: &Params, dtype: Dtype, gpus: &[GroupGpu]) -> Result<(
                 "params: this model needs {:.1} GiB on {} ({} of its {} layers in {}{}), \
                  which has {:.1} GiB",
                 need as f64 / GIB,
-                gpu.name,
+                gpu.device_name(),
                 layers.len(),
                 params.n_layers,
                 dtype.as_str(),
@@ -119,13 +111,13 @@ pub fn check_group(params: &Params, dtype: Dtype, gpus: &[GroupGpu]) -> Result<(
 
 /// FP8 needs the hardware, 16-bit activations, and cuBLASLt's FP8 shapes: every product's
 /// inner size and output width a multiple of 16. Never a silent fallback to f16.
-fn check_fp8(params: &Params, dtype: Dtype, gpus: &[GroupGpu]) -> Result<(), BackendError> {
+fn check_fp8(params: &Params, dtype: Dtype, gpus: &[GpuInfo]) -> Result<(), BackendError> {
     if let Some(g) = gpus.iter().find(|g| !has_fp8(g.compute_capability)) {
         let (major, minor) = g.compute_capability;
         return Err(BackendError::Unsupported(format!(
             "params.use_fp8: {} is sm_{major}{minor}; FP8 products need sm_89, sm_90 or \
              sm_100 and later; send use_fp8 false",
-            g.name
+            g.device_name()
         )));
     }
     if dtype == Dtype::F32 {
@@ -160,37 +152,29 @@ pub fn host_bytes_per_nonce(params: &Params) -> u64 {
     2 * (4 * seq * dim + 2 * 8 * vocab)
 }
 
-impl Device for CudaDevice {
+impl Backend for CudaBackend {
     fn name(&self) -> String {
         group_name(&self.gpus)
     }
 
     fn check(&self, params: &Params, dtype: Dtype) -> Result<(), BackendError> {
-        let gpus: Vec<GroupGpu> = self
-            .gpus
-            .iter()
-            .map(|g| GroupGpu {
-                name: g.info.device_name(),
-                total_bytes: g.info.total_bytes,
-                compute_capability: g.info.compute_capability,
-            })
-            .collect();
+        let gpus: Vec<GpuInfo> = self.gpus.iter().map(|g| g.info.clone()).collect();
         check_group(params, dtype, &gpus)
     }
 
-    fn build(
+    fn build_model(
         &self,
         block_hash: &str,
         params: &Params,
         dtype: Dtype,
-    ) -> Result<AnyModel, BackendError> {
+    ) -> Result<Model, BackendError> {
         let m = GpuModel::build(&self.gpus, block_hash, params, dtype)?;
         Ok(Arc::new(m))
     }
 
-    fn forward(
+    fn forward_last_logits(
         &self,
-        model: &AnyModel,
+        model: &Model,
         inputs: &[f32],
         batch: usize,
     ) -> Result<Vec<f32>, BackendError> {
@@ -206,7 +190,7 @@ impl Device for CudaDevice {
 
     fn run_batch(
         &self,
-        model: &AnyModel,
+        model: &Model,
         job: &JobSpec,
         batch: PreparedBatch,
         all_distances: bool,
@@ -250,12 +234,12 @@ impl Device for CudaDevice {
 
     /// On the host a GPU batch is only its inputs (f32) and permutations (i64, drawn and then
     /// laid out in one array), for two batches at once (one prepared while one computes);
-    /// device memory is [`Device::max_batch`]'s concern.
+    /// device memory is [`Backend::max_batch`]'s concern.
     fn bytes_per_nonce(&self, params: &Params) -> u64 {
         host_bytes_per_nonce(params)
     }
 
-    fn max_batch(&self, model: &AnyModel, _params: &Params) -> Option<usize> {
+    fn max_batch(&self, model: &Model, _params: &Params) -> Option<usize> {
         let m = self.model(model).ok()?;
         m.max_batch().ok().map(|b| b.max(1))
     }
@@ -267,12 +251,14 @@ mod tests {
 
     const GB: u64 = 1 << 30;
 
-    fn gpus(gib: &[u64]) -> Vec<GroupGpu> {
+    fn gpus(gib: &[u64]) -> Vec<GpuInfo> {
         gib.iter()
             .enumerate()
-            .map(|(i, g)| GroupGpu {
-                name: format!("cuda:{i}"),
+            .map(|(i, g)| GpuInfo {
+                ordinal: i,
+                name: "a simulated GPU".into(),
                 total_bytes: g * GB,
+                free_bytes: g * GB,
                 compute_capability: (9, 0),
             })
             .collect()

@@ -1,9 +1,8 @@
-//! One batch of nonces through a backend: inputs and permutations drawn on all host threads,
-//! the forward pass on the device, distances and the r_target filter back on the host (or, for
-//! a device that overrides [`Device::run_batch`](super::device::Device::run_batch), on the
-//! device).
+//! A batch of nonces as a backend takes it and gives it back: inputs and permutations drawn
+//! on all host threads ([`prepare`]), and the distances and proofs that come out of it
+//! ([`BatchResult`]; [`finish`] makes one from logits on the host, for backends that do not
+//! compute the tail on their device).
 
-use crate::backend::{Backend, BackendError};
 use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
 use crate::pow::proof;
@@ -50,44 +49,43 @@ pub struct PreparedBatch {
     pub permutations: Vec<Vec<i64>>,
 }
 
-/// The nonces of a batch, their distances, and the proofs among them.
+/// The nonces of a batch, the proofs among them, and (when asked for) every distance.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BatchResult {
     /// Every nonce computed, in batch order.
     pub nonces: Vec<u64>,
-    /// Distances. When every distance was asked for ([`finish`], [`run`], or
-    /// [`Device::run_batch`](super::device::Device::run_batch) with `all_distances`), one per
-    /// entry of `nonces`, in the same order. Otherwise (what the engine's workers ask for)
-    /// only the proofs' distances: then `dist` equals `valid_dist` and lines up with
-    /// `valid_nonces`, not with `nonces`; [`BatchResult::has_all_distances`] tells which.
-    pub dist: Vec<f64>,
+    /// Every nonce's distance, lined up with `nonces`, when the batch was run with all
+    /// distances ([`finish`], or [`Backend::run_batch`](super::Backend::run_batch) with
+    /// `all_distances`); None when only the proofs came back (what the engine's workers ask
+    /// for: a GPU then sends only the proofs over the bus).
+    pub dist: Option<Vec<f64>>,
     /// The nonces strictly below r_target, in batch order, and their distances.
     pub valid_nonces: Vec<u64>,
     pub valid_dist: Vec<f64>,
 }
 
 impl BatchResult {
-    /// A result that carries only the proofs' distances (what a device that filters on
-    /// r_target itself hands back): `dist` is `valid_dist`.
+    /// A result that carries only the proofs (what a device that filters on r_target itself
+    /// hands back).
     pub fn from_valid(nonces: Vec<u64>, valid_nonces: Vec<u64>, valid_dist: Vec<f64>) -> Self {
         debug_assert_eq!(valid_nonces.len(), valid_dist.len());
         BatchResult {
             nonces,
-            dist: valid_dist.clone(),
+            dist: None,
             valid_nonces,
             valid_dist,
         }
     }
 
-    /// Drop the distances of the nonces that are not proofs (see [`BatchResult::dist`]).
-    pub fn into_valid_only(mut self) -> Self {
-        self.dist.clone_from(&self.valid_dist);
+    /// Drop the distances of every nonce, keeping the proofs'.
+    pub fn without_distances(mut self) -> Self {
+        self.dist = None;
         self
     }
 
-    /// Whether `dist` holds one distance per nonce (rather than only the proofs').
-    pub fn has_all_distances(&self) -> bool {
-        self.dist.len() == self.nonces.len()
+    /// Every nonce's distance, when the batch was run with all distances.
+    pub fn distances(&self) -> Option<&[f64]> {
+        self.dist.as_deref()
     }
 
     /// Keep the nonces strictly below r_target.
@@ -100,17 +98,25 @@ impl BatchResult {
             .unzip();
         BatchResult {
             nonces,
-            dist,
+            dist: Some(dist),
             valid_nonces,
             valid_dist,
         }
     }
 
-    /// Append another batch's results (both with all distances, or both without, for `dist`
-    /// to stay meaningful).
+    /// Append another batch's results. The distances of every nonce stay only when both
+    /// carry them.
     pub fn extend(&mut self, other: BatchResult) {
+        self.dist = match (self.dist.take(), other.dist) {
+            (Some(mut a), Some(b)) => {
+                a.extend(b);
+                Some(a)
+            }
+            // An empty result takes on what the first batch carries.
+            (None, b) if self.nonces.is_empty() => b,
+            _ => None,
+        };
         self.nonces.extend(other.nonces);
-        self.dist.extend(other.dist);
         self.valid_nonces.extend(other.valid_nonces);
         self.valid_dist.extend(other.valid_dist);
     }
@@ -118,7 +124,7 @@ impl BatchResult {
     pub fn empty() -> Self {
         BatchResult {
             nonces: Vec::new(),
-            dist: Vec::new(),
+            dist: None,
             valid_nonces: Vec::new(),
             valid_dist: Vec::new(),
         }
@@ -156,18 +162,6 @@ pub fn finish(job: &JobSpec, batch: PreparedBatch, logits: &[f32]) -> BatchResul
     BatchResult::from_distances(batch.nonces, dist, job.r_target)
 }
 
-/// Prepare, forward and finish one batch.
-pub fn run<B: Backend>(
-    backend: &B,
-    model: &B::Model,
-    job: &JobSpec,
-    nonces: Vec<u64>,
-) -> Result<BatchResult, BackendError> {
-    let batch = prepare(job, nonces);
-    let logits = backend.forward_last_logits(model, &batch.inputs, batch.nonces.len())?;
-    Ok(finish(job, batch, &logits))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,11 +171,11 @@ mod tests {
         let all = BatchResult::from_distances(vec![1, 2, 3, 4], vec![0.5, 2.0, 0.1, 1.0], 1.0);
         assert_eq!(all.valid_nonces, [1, 3]);
         assert_eq!(all.valid_dist, [0.5, 0.1]);
-        assert!(all.has_all_distances());
-        let valid = all.clone().into_valid_only();
+        assert_eq!(all.distances(), Some(&[0.5, 2.0, 0.1, 1.0][..]));
+        let valid = all.clone().without_distances();
         assert_eq!(valid.nonces, all.nonces);
-        assert_eq!(valid.dist, [0.5, 0.1]);
-        assert!(!valid.has_all_distances());
+        assert_eq!(valid.valid_dist, [0.5, 0.1]);
+        assert_eq!(valid.distances(), None);
         assert_eq!(
             BatchResult::from_valid(vec![1, 2, 3, 4], vec![1, 3], vec![0.5, 0.1]),
             valid
@@ -190,6 +184,11 @@ mod tests {
         v.extend(valid.clone());
         v.extend(valid);
         assert_eq!(v.nonces.len(), 8);
-        assert_eq!(v.dist, v.valid_dist);
+        assert_eq!(v.valid_dist, [0.5, 0.1, 0.5, 0.1]);
+        assert_eq!(v.distances(), None);
+        let mut a = BatchResult::empty();
+        a.extend(all.clone());
+        a.extend(all);
+        assert_eq!(a.distances().map(<[f64]>::len), Some(8));
     }
 }

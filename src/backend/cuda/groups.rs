@@ -7,9 +7,9 @@
 //! the sizes that would), leave that one device out and start again at the next. No group at
 //! all is the fatal [`NotEnoughGPUResources`] error.
 //!
-//! Pure code over simulated devices: [`crate::backend::cuda::GpuInfo`] converts into
-//! [`GroupDevice`].
+//! Pure code over the GPUs discovery reports ([`GpuInfo`]), tested with simulated ones.
 
+use super::GpuInfo;
 use crate::pow::params::Params;
 use serde::Serialize;
 
@@ -35,31 +35,6 @@ pub fn min_group_gib(params: &Params) -> f64 {
         MIN_GROUP_GIB_V1
     } else {
         MIN_GROUP_GIB_DEFAULT
-    }
-}
-
-/// One GPU as grouping sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct GroupDevice {
-    /// The driver's ordinal (`cuda:N`).
-    pub ordinal: usize,
-    /// Total memory in bytes (total, not free: the reference sizes by the device's total).
-    pub total_bytes: u64,
-}
-
-impl GroupDevice {
-    /// Total memory in GiB.
-    pub fn gib(&self) -> f64 {
-        self.total_bytes as f64 / (1u64 << 30) as f64
-    }
-}
-
-impl From<&crate::backend::cuda::GpuInfo> for GroupDevice {
-    fn from(g: &crate::backend::cuda::GpuInfo) -> Self {
-        GroupDevice {
-            ordinal: g.ordinal,
-            total_bytes: g.total_bytes,
-        }
     }
 }
 
@@ -96,7 +71,7 @@ pub struct NotEnoughGPUResources {
     /// The minimum per group, in GiB.
     pub required_gib: f64,
     /// Every device seen, with its memory.
-    pub devices: Vec<GroupDevice>,
+    pub devices: Vec<GpuInfo>,
 }
 
 impl NotEnoughGPUResources {
@@ -104,13 +79,13 @@ impl NotEnoughGPUResources {
     pub const ERROR_TYPE: &'static str = "NotEnoughGPUResources";
 }
 
-fn describe_shortage(required_gib: &f64, devices: &[GroupDevice]) -> String {
+fn describe_shortage(required_gib: &f64, devices: &[GpuInfo]) -> String {
     if devices.is_empty() {
         return "not enough GPU resources: no CUDA devices".into();
     }
     let seen: Vec<String> = devices
         .iter()
-        .map(|d| format!("cuda:{} {:.1} GiB", d.ordinal, d.gib()))
+        .map(|d| format!("cuda:{} {:.1} GiB", d.ordinal, d.total_gib()))
         .collect();
     format!(
         "not enough GPU resources: a GPU group needs {required_gib:.1} GiB in all (groups of \
@@ -120,17 +95,14 @@ fn describe_shortage(required_gib: &f64, devices: &[GroupDevice]) -> String {
 }
 
 /// Form the groups of `devices` (in the driver's order) with `min_gib` GiB per group.
-pub fn form_groups(
-    devices: &[GroupDevice],
-    min_gib: f64,
-) -> Result<Grouping, NotEnoughGPUResources> {
+pub fn form_groups(devices: &[GpuInfo], min_gib: f64) -> Result<Grouping, NotEnoughGPUResources> {
     let mut groups = Vec::new();
     let mut left_out = Vec::new();
     let mut rest = devices;
     while let Some(first) = rest.first() {
         let size = GROUP_SIZES.into_iter().find(|&n| {
             // Added up one by one, left to right, in f64, as the reference sums them.
-            n <= rest.len() && rest[..n].iter().map(GroupDevice::gib).sum::<f64>() >= min_gib
+            n <= rest.len() && rest[..n].iter().map(GpuInfo::total_gib).sum::<f64>() >= min_gib
         });
         match size {
             Some(n) => {
@@ -155,10 +127,7 @@ pub fn form_groups(
 }
 
 /// [`form_groups`] with the minimum for `params`.
-pub fn groups_for(
-    params: &Params,
-    devices: &[GroupDevice],
-) -> Result<Grouping, NotEnoughGPUResources> {
+pub fn groups_for(params: &Params, devices: &[GpuInfo]) -> Result<Grouping, NotEnoughGPUResources> {
     form_groups(devices, min_group_gib(params))
 }
 
@@ -169,12 +138,15 @@ mod tests {
     const GIB: u64 = 1 << 30;
 
     /// Devices 0.. with these sizes in GiB.
-    fn devs(gib: &[f64]) -> Vec<GroupDevice> {
+    fn devs(gib: &[f64]) -> Vec<GpuInfo> {
         gib.iter()
             .enumerate()
-            .map(|(i, &g)| GroupDevice {
+            .map(|(i, &g)| GpuInfo {
                 ordinal: i,
+                name: "a simulated GPU".into(),
+                compute_capability: (9, 0),
                 total_bytes: (g * GIB as f64) as u64,
+                free_bytes: (g * GIB as f64) as u64,
             })
             .collect()
     }
