@@ -13,9 +13,10 @@
 //! - FFN: `silu(w1 x)` rounded to T, times `w3 x` rounded to T, then w2.
 //! - Residual adds rounded to T; the logits are the output projection rounded to T.
 //!
-//! Matrix products go through the `gemm` crate on all rayon threads; all nonces and positions
-//! of a batch form one product with `batch * seq_len` rows. The weights are row-major
-//! `[out, in]` and are read in place as the transposed right-hand side. The last layer only
+//! Matrix products go through [`matmul`] (our own kernels: AMX, AVX-512, AVX2 or scalar,
+//! chosen from CPUID) on all rayon threads; all nonces and positions of a batch form one
+//! product with `batch * seq_len` rows. The weights are held in the model dtype, packed for
+//! the chosen kernel when the model is built ([`CpuModel`]). The last layer only
 //! needs the keys and values of every position: its queries, attention output, FFN, the final
 //! norm and the output projection run on the last position of each nonce only.
 //!
@@ -24,12 +25,17 @@
 //! compiler vectorises (they agree with [`Dtype::round`] on every input; see the tests).
 
 pub mod matmul;
+mod model;
+
+pub use model::{CpuLayer, CpuModel, CpuWeights};
 
 use super::{downcast_model, Backend, BackendError, Model};
 use crate::pow::dtype::{Dtype, RoundBf16, RoundF16, RoundF32, Rounding};
 use crate::pow::params::Params;
-use crate::pow::weights::{self, LayerWeights, ModelWeights};
-use gemm::Parallelism;
+use crate::pow::weights;
+#[cfg(test)]
+use crate::pow::weights::{LayerWeights, ModelWeights};
+use matmul::{linear, Kernel};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
@@ -48,14 +54,6 @@ const GIB: f64 = (1u64 << 30) as f64;
 fn round_slice<R: Rounding>(xs: &mut [f32]) {
     for x in xs {
         *x = R::round(*x);
-    }
-}
-
-/// Round every element, on all threads.
-fn round_par<R: Rounding>(xs: &mut [f32]) {
-    if R::DTYPE != Dtype::F32 {
-        xs.par_chunks_mut(ELEMWISE_CHUNK)
-            .for_each(|c| round_slice::<R>(c));
     }
 }
 
@@ -167,63 +165,6 @@ impl RopeTable {
 
 // ---------------------------------------------------------------------------------------------
 // Building blocks
-
-/// `dst[m, n] = round_T(x[m, k] . w[n, k]^T)`: row `i` of `x` starts at `i * x_row_stride`,
-/// `w` is row-major `[n, k]` (PyTorch's `[out, in]`), accumulation in f32.
-#[allow(clippy::too_many_arguments)]
-fn linear<R: Rounding>(
-    dst: &mut [f32],
-    x: &[f32],
-    m: usize,
-    x_row_stride: usize,
-    k: usize,
-    w: &[f32],
-    n: usize,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(dst.len() >= m * n, "linear: destination too short");
-    assert!(
-        x_row_stride >= k && x.len() >= (m - 1) * x_row_stride + k,
-        "linear: input too short"
-    );
-    assert_eq!(w.len(), n * k, "linear: weight shape");
-    if k == 0 {
-        dst[..m * n].fill(0.0);
-        return;
-    }
-    // SAFETY: the asserts above keep every access in bounds: dst is written at `i * n + j`
-    // for i < m, j < n (dst.len() >= m * n); the left-hand side is read at
-    // `i * x_row_stride + l` for l < k, at most (m - 1) * x_row_stride + k - 1 < x.len();
-    // the right-hand side element (l, j) at `j * k + l` < n * k = w.len(). `dst` is a unique
-    // borrow, so it aliases neither input, and `read_dst` is false, so its old contents are
-    // never read (alpha is ignored). The strides fit in isize: they index live slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            x_row_stride as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            Parallelism::Rayon(rayon::current_num_threads()),
-        );
-    }
-    round_par::<R>(&mut dst[..m * n]);
-}
 
 /// Lanes of the reference's f32 vectors (its AVX2 kernels): they fix the order of its sums.
 const REF_LANES: usize = 8;
@@ -500,6 +441,8 @@ impl ForwardScratch {
 /// Model sizes as usize.
 #[derive(Clone, Copy)]
 struct Dims {
+    /// The product path the weights are packed for.
+    kernel: Kernel,
     dim: usize,
     seq: usize,
     n_heads: usize,
@@ -513,20 +456,20 @@ struct Dims {
 fn ffn_block<R: Rounding>(
     x: &mut [f32],
     rows: usize,
-    lw: &LayerWeights,
+    lw: &CpuLayer,
     s: &mut ForwardScratch,
     d: Dims,
 ) {
-    let (dim, hidden) = (d.dim, d.hidden);
+    let (dim, hidden, kernel) = (d.dim, d.hidden, d.kernel);
     let xn = &mut s.xn[..rows * dim];
     rmsnorm::<R>(x, &lw.ffn_norm, xn, dim, d.eps);
     let h1 = &mut s.h1[..rows * hidden];
     let h3 = &mut s.h3[..rows * hidden];
-    linear::<R>(h1, xn, rows, dim, dim, &lw.w1, hidden);
-    linear::<R>(h3, xn, rows, dim, dim, &lw.w3, hidden);
+    linear::<R>(kernel, h1, xn, rows, dim, &lw.w1);
+    linear::<R>(kernel, h3, xn, rows, dim, &lw.w3);
     silu_mul::<R>(h1, h3);
     let out = &mut s.tmp[..rows * dim];
-    linear::<R>(out, h1, rows, hidden, hidden, &lw.w2, dim);
+    linear::<R>(kernel, out, h1, rows, hidden, &lw.w2);
     add_round::<R>(x, out);
 }
 
@@ -535,13 +478,14 @@ fn ffn_block<R: Rounding>(
 /// rows. Returns the number of residual rows after the block.
 fn block<R: Rounding>(
     batch: usize,
-    lw: &LayerWeights,
+    lw: &CpuLayer,
     rope: &RopeTable,
     s: &mut ForwardScratch,
     d: Dims,
     last: bool,
 ) -> usize {
     let Dims {
+        kernel,
         dim,
         seq,
         n_heads,
@@ -563,25 +507,17 @@ fn block<R: Rounding>(
     let xn = &s.xn[..m * dim];
     let k = &mut s.k[..m * kv_width];
     let v = &mut s.v[..m * kv_width];
-    linear::<R>(k, xn, m, dim, dim, &lw.wk, kv_width);
-    linear::<R>(v, xn, m, dim, dim, &lw.wv, kv_width);
+    linear::<R>(kernel, k, xn, m, dim, &lw.wk);
+    linear::<R>(kernel, v, xn, m, dim, &lw.wv);
     rope.apply::<R>(k, kv_width, seq, 0);
     let qr = if last { 1 } else { seq };
     let mq = batch * qr;
     let q = &mut s.q[..mq * q_width];
     if last {
         // Row b of the product is the last position of nonce b: rows `seq * dim` apart.
-        linear::<R>(
-            q,
-            &xn[(seq - 1) * dim..],
-            batch,
-            seq * dim,
-            dim,
-            &lw.wq,
-            q_width,
-        );
+        linear::<R>(kernel, q, &xn[(seq - 1) * dim..], batch, seq * dim, &lw.wq);
     } else {
-        linear::<R>(q, xn, m, dim, dim, &lw.wq, q_width);
+        linear::<R>(kernel, q, xn, m, dim, &lw.wq);
     }
     rope.apply::<R>(q, q_width, qr, seq - qr);
     let shape = AttnShape {
@@ -594,7 +530,7 @@ fn block<R: Rounding>(
     let att = &mut s.att[..mq * q_width];
     attention::<R>(q, k, v, att, shape);
     let proj = &mut s.tmp[..mq * dim];
-    linear::<R>(proj, att, mq, q_width, q_width, &lw.wo, dim);
+    linear::<R>(kernel, proj, att, mq, q_width, &lw.wo);
     if last && seq > 1 {
         // Source row b * seq + seq - 1 >= b, and every later source row lies beyond row b,
         // so compacting in increasing order reads each source before it can be overwritten.
@@ -611,12 +547,13 @@ fn block<R: Rounding>(
 
 fn forward_impl<R: Rounding>(
     s: &mut ForwardScratch,
-    weights: &ModelWeights,
+    weights: &CpuModel,
     inputs: &[f32],
     batch: usize,
 ) -> Vec<f32> {
     let p = &weights.params;
     let d = Dims {
+        kernel: weights.kernel,
         dim: p.dim_usize(),
         seq: p.seq_len_usize(),
         n_heads: p.n_heads_usize(),
@@ -645,7 +582,7 @@ fn forward_impl<R: Rounding>(
     let xn = &mut s.xn[..batch * d.dim];
     rmsnorm::<R>(&s.x[..batch * d.dim], &weights.norm, xn, d.dim, d.eps);
     let mut logits = vec![0f32; batch * vocab];
-    linear::<R>(&mut logits, xn, batch, d.dim, d.dim, &weights.output, vocab);
+    linear::<R>(d.kernel, &mut logits, xn, batch, d.dim, &weights.output);
     logits
 }
 
@@ -653,19 +590,24 @@ fn forward_impl<R: Rounding>(
 /// in the model's dtype); returns the f32 logits of each nonce's last position,
 /// `batch * vocab_size` values.
 ///
-/// Panics when `inputs.len()` does not match (the [`Backend`] implementation checks first).
-pub fn forward_last_logits(weights: &ModelWeights, inputs: &[f32], batch: usize) -> Vec<f32> {
+/// Panics when `inputs.len()` does not match (the [`Backend`] implementation checks first),
+/// or when readable weights cannot be packed (see [`CpuWeights`]).
+pub fn forward_last_logits<W: CpuWeights + ?Sized>(
+    weights: &W,
+    inputs: &[f32],
+    batch: usize,
+) -> Vec<f32> {
     forward_last_logits_with(&mut ForwardScratch::new(), weights, inputs, batch)
 }
 
 /// [`forward_last_logits`] with caller-held scratch buffers, reused across calls.
-pub fn forward_last_logits_with(
+pub fn forward_last_logits_with<W: CpuWeights + ?Sized>(
     scratch: &mut ForwardScratch,
-    weights: &ModelWeights,
+    weights: &W,
     inputs: &[f32],
     batch: usize,
 ) -> Vec<f32> {
-    let p = &weights.params;
+    let p = weights.params();
     assert_eq!(
         inputs.len(),
         batch * p.seq_len_usize() * p.dim_usize(),
@@ -674,6 +616,8 @@ pub fn forward_last_logits_with(
     if batch == 0 {
         return Vec::new();
     }
+    let weights = weights.packed().unwrap_or_else(|e| panic!("{e}"));
+    let weights = &*weights;
     // Run on a thread of the rayon pool: the many small parallel sections inside are then
     // forked by work stealing instead of each being injected into the pool from outside and
     // waited for (which costs more than the work itself for small models).
@@ -764,14 +708,15 @@ fn fp8_unsupported() -> BackendError {
 }
 
 impl CpuBackend {
-    /// The forward pass of a model this backend built, with the inputs' length checked.
-    pub fn forward(
+    /// The forward pass of a model this backend built (or of readable weights, packed for
+    /// the call), with the inputs' length checked.
+    pub fn forward<W: CpuWeights + ?Sized>(
         &self,
-        model: &ModelWeights,
+        model: &W,
         inputs: &[f32],
         batch: usize,
     ) -> Result<Vec<f32>, BackendError> {
-        let p = &model.params;
+        let p = model.params();
         if p.use_fp8 {
             return Err(fp8_unsupported());
         }
@@ -788,9 +733,10 @@ impl CpuBackend {
                 p.dim
             )));
         }
+        let model = model.packed()?;
         let taken = self.scratch.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut scratch = taken.unwrap_or_default();
-        let logits = forward_last_logits_with(&mut scratch, model, inputs, batch);
+        let logits = forward_last_logits_with(&mut scratch, &*model, inputs, batch);
         self.scratch
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -836,7 +782,7 @@ impl Backend for CpuBackend {
             return Err(fp8_unsupported());
         }
         check_model_fits(params, mem_available_bytes())?;
-        Ok(Arc::new(ModelWeights::build(block_hash, params, dtype)))
+        Ok(Arc::new(CpuModel::build(block_hash, params, dtype)?))
     }
 
     fn forward_last_logits(
@@ -845,7 +791,7 @@ impl Backend for CpuBackend {
         inputs: &[f32],
         batch: usize,
     ) -> Result<Vec<f32>, BackendError> {
-        let m = downcast_model::<ModelWeights>(model, &self.name())?;
+        let m = downcast_model::<CpuModel>(model, &self.name())?;
         self.forward(m, inputs, batch)
     }
 
