@@ -1,18 +1,22 @@
 //! Throughput of the CPU forward pass: nonces per second for the golden `tiny` and
-//! `v2_shaped` configurations, in f32, f16 and bf16.
+//! `v2_shaped` configurations (or a params file), in f32, f16 and bf16.
 //!
 //! `cargo bench --bench forward`. Environment:
 //! - `FORWARD_SECONDS`: how long to time each configuration and dtype (default 3);
 //! - `FORWARD_BATCH`: batch size for every configuration (default: 64 for tiny, 8 for
-//!   v2_shaped);
-//! - `FORWARD_CONFIGS`: comma-separated subset of `tiny,v2_shaped`.
+//!   v2_shaped, 32 for a params file);
+//! - `FORWARD_CONFIGS`: comma-separated subset of `tiny,v2_shaped`, or `file`;
+//! - `FORWARD_PARAMS`: the params JSON file of the `file` configuration;
+//! - `FORWARD_DTYPES`: comma-separated subset of `f32,f16,bf16`.
 //!
-//! Each measurement is printed as one JSON line.
+//! The model is built as the CPU backend builds it (weights packed in the dtype for this
+//! machine's product path; `LLAMA_POW_CPU_MATMUL` caps the path). Each measurement is
+//! printed as one JSON line, with the CPU time per batch (all threads) next to the wall
+//! time: on a shared machine the CPU time is the steadier figure.
 
-use llama_pow::backend::cpu::{forward_last_logits_with, ForwardScratch};
+use llama_pow::backend::cpu::{forward_last_logits_with, CpuModel, ForwardScratch};
 use llama_pow::pow::dtype::Dtype;
 use llama_pow::pow::params::Params;
-use llama_pow::pow::weights::ModelWeights;
 use std::time::{Duration, Instant};
 
 const BLOCK_HASH: &str = "5f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8";
@@ -39,6 +43,20 @@ fn inputs(n: usize, dtype: Dtype) -> Vec<f32> {
         .collect()
 }
 
+/// CPU time this process has used (all threads), in seconds: on a shared machine it moves
+/// far less with other load than the wall clock does.
+fn cpu_seconds() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one rusage into the pointer, which is valid and sized for it;
+    // a zeroed rusage is a valid value of the type whatever the call does.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; ignore arguments.
     let seconds: f64 = std::env::var("FORWARD_SECONDS")
@@ -49,17 +67,27 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok());
     let configs = std::env::var("FORWARD_CONFIGS").unwrap_or_else(|_| "tiny,v2_shaped".into());
+    let dtypes: Vec<Dtype> = std::env::var("FORWARD_DTYPES")
+        .unwrap_or_else(|_| "f32,f16,bf16".into())
+        .split(',')
+        .map(|d| d.trim().parse().expect("FORWARD_DTYPES"))
+        .collect();
     let threads = rayon::current_num_threads();
     for config in configs.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-        let (case, default_batch) = match config {
-            "tiny" => ("tiny_f16", 64),
-            "v2_shaped" => ("v2_shaped_f16", 8),
-            other => panic!("unknown config {other:?} (tiny, v2_shaped)"),
+        let (params, default_batch) = match config {
+            "tiny" => (golden_params("tiny_f16"), 64),
+            "v2_shaped" => (golden_params("v2_shaped_f16"), 8),
+            "file" => {
+                let path = std::env::var("FORWARD_PARAMS").expect("FORWARD_PARAMS: a params file");
+                let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+                let params: Params = serde_json::from_str(&text).expect("a params object");
+                (params, 32)
+            }
+            other => panic!("unknown config {other:?} (tiny, v2_shaped, file)"),
         };
-        let params = golden_params(case);
         let batch = batch_override.unwrap_or(default_batch);
-        for dtype in Dtype::ALL {
-            let model = ModelWeights::build(BLOCK_HASH, &params, dtype);
+        for &dtype in &dtypes {
+            let model = CpuModel::build(BLOCK_HASH, &params, dtype).expect("model");
             let x = inputs(batch * params.seq_len_usize() * params.dim_usize(), dtype);
             // Scratch buffers are reused across batches, as the CPU backend does. Warm up
             // (thread pool, first touch of the buffers).
@@ -67,12 +95,14 @@ fn main() {
             std::hint::black_box(forward_last_logits_with(&mut scratch, &model, &x, batch));
             let budget = Duration::from_secs_f64(seconds);
             let start = Instant::now();
+            let cpu_start = cpu_seconds();
             let mut batches = 0usize;
             while batches == 0 || start.elapsed() < budget {
                 std::hint::black_box(forward_last_logits_with(&mut scratch, &model, &x, batch));
                 batches += 1;
             }
             let elapsed = start.elapsed().as_secs_f64();
+            let cpu = cpu_seconds() - cpu_start;
             let nonces = batches * batch;
             println!(
                 "{}",
@@ -80,6 +110,7 @@ fn main() {
                     "bench": "forward_cpu",
                     "config": config,
                     "dtype": dtype.as_str(),
+                    "path": model.kernel.name(),
                     "batch": batch,
                     "seq_len": params.seq_len,
                     "threads": threads,
@@ -87,6 +118,7 @@ fn main() {
                     "seconds": elapsed,
                     "nonces_per_s": nonces as f64 / elapsed,
                     "ms_per_batch": 1e3 * elapsed / batches as f64,
+                    "cpu_ms_per_batch": 1e3 * cpu / batches as f64,
                 })
             );
         }

@@ -7,10 +7,12 @@ use super::dtype::Dtype;
 use super::params::Params;
 use super::proof;
 use super::weights::{self, PoolSlice};
+use super::{rng, seeds};
 use half::f16;
 use rayon::prelude::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 
 /// Values converted to bytes per hasher update: big enough to amortise, small enough for cache.
 const HASH_CHUNK: usize = 1 << 14;
@@ -65,6 +67,128 @@ pub fn sha256_i64le(values: &[i64]) -> String {
     let mut h = Sha256::new();
     values.iter().for_each(|v| h.update(v.to_le_bytes()));
     hex::encode(h.finalize())
+}
+
+/// The pool held in the layout its hash covers: f16 bit patterns for float16 models, f32
+/// for the others, so that a stretch of it is hashed as it lies in memory.
+enum HashedPool {
+    F16(Vec<u16>),
+    F32(Vec<f32>),
+}
+
+/// Values whose little-endian bytes are hashed.
+trait LeBytes: Copy + Send + Sync + 'static {
+    fn le_bytes(values: &[Self]) -> Cow<'_, [u8]>;
+}
+
+/// The bytes of plain numbers as they lie in memory: on a little-endian machine, their
+/// little-endian bytes, borrowed; elsewhere converted.
+macro_rules! le_bytes_of {
+    ($t:ty) => {
+        impl LeBytes for $t {
+            fn le_bytes(values: &[$t]) -> Cow<'_, [u8]> {
+                if cfg!(target_endian = "little") {
+                    // SAFETY: $t is a plain number type with no padding and no invalid bit
+                    // patterns as bytes; the byte slice covers exactly the same memory
+                    // (size_of_val bytes) for the same lifetime, and u8 has alignment 1.
+                    Cow::Borrowed(unsafe {
+                        std::slice::from_raw_parts(
+                            values.as_ptr().cast::<u8>(),
+                            std::mem::size_of_val(values),
+                        )
+                    })
+                } else {
+                    Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+                }
+            }
+        }
+    };
+}
+le_bytes_of!(u16);
+le_bytes_of!(f32);
+
+impl HashedPool {
+    /// `seeded(block_hash, 4).normal(0, 0.02, pool_size)` rounded f64 -> f32 -> dtype, and
+    /// the SHA-256 of its values in the layout of [`HashElem::for_dtype`]. The hash is
+    /// taken while the pool is drawn: each stretch, as soon as it is final, goes to a thread
+    /// that feeds it to the hasher, so hashing 888 M values costs little beyond drawing them.
+    fn draw(block_hash: &str, pool_size: u64, dtype: Dtype) -> (HashedPool, String) {
+        let entropy = seeds::entropy(&seeds::weights_seed(block_hash), seeds::WEIGHTS_HASHES);
+        let n = pool_size as usize;
+        match HashElem::for_dtype(dtype) {
+            HashElem::F16 => {
+                let mut pool = vec![0u16; n];
+                let hash = draw_hashing(&entropy, &mut pool, |x| f16::from_f32(x as f32).to_bits());
+                (HashedPool::F16(pool), hash)
+            }
+            HashElem::F32 => {
+                let mut pool = vec![0f32; n];
+                let hash = draw_hashing(&entropy, &mut pool, |x| dtype.round(x as f32));
+                (HashedPool::F32(pool), hash)
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            HashedPool::F16(v) => v.len(),
+            HashedPool::F32(v) => v.len(),
+        }
+    }
+
+    /// The little-endian bytes of values `range`.
+    fn le_bytes(&self, range: std::ops::Range<usize>) -> Cow<'_, [u8]> {
+        match self {
+            HashedPool::F16(v) => u16::le_bytes(&v[range]),
+            HashedPool::F32(v) => f32::le_bytes(&v[range]),
+        }
+    }
+
+    /// The first `n` values.
+    fn first(&self, n: usize) -> Vec<f32> {
+        match self {
+            HashedPool::F16(v) => v
+                .iter()
+                .take(n)
+                .map(|&b| f16::from_bits(b).to_f32())
+                .collect(),
+            HashedPool::F32(v) => v.iter().take(n).copied().collect(),
+        }
+    }
+}
+
+/// Fill `out` with the weight pool's normals mapped through `map`, hashing every finished
+/// stretch on a thread of its own, in order; returns the hex SHA-256 of all of `out`.
+fn draw_hashing<T: LeBytes>(
+    entropy: &[u32],
+    out: &mut [T],
+    map: impl Fn(f64) -> T + Sync,
+) -> String {
+    std::thread::scope(|scope| {
+        // A few stretches in flight at most (each about a megabyte of values).
+        let (tx, rx) = std::sync::mpsc::sync_channel::<&[T]>(8);
+        let hasher = scope.spawn(move || {
+            let mut h = Sha256::new();
+            for stretch in rx {
+                h.update(T::le_bytes(stretch));
+            }
+            hex::encode(h.finalize())
+        });
+        rng::fill_normal_parallel_in_order(
+            entropy,
+            0.0,
+            weights::POOL_SCALE,
+            out,
+            map,
+            |stretch| {
+                // The hasher only stops when this sender is dropped, after the last stretch.
+                tx.send(stretch)
+                    .expect("the pool hashing thread ended early");
+            },
+        );
+        drop(tx);
+        hasher.join().expect("the pool hashing thread panicked")
+    })
 }
 
 /// One parameter's facts.
@@ -135,9 +259,8 @@ pub fn compute(input: &FactsInput<'_>) -> Result<Facts, UnknownParam> {
     }
     let total = weights::total_params(input.params);
     let pool_size = weights::pool_size(total);
-    let pool = weights::build_pool(input.block_hash, pool_size, input.dtype);
     let elem = HashElem::for_dtype(input.dtype);
-    let pool_hash = elem.sha256(&pool);
+    let (pool, pool_hash) = HashedPool::draw(input.block_hash, pool_size, input.dtype);
 
     let parameters: Vec<ParamFacts> = specs
         .par_iter()
@@ -151,9 +274,7 @@ pub fn compute(input: &FactsInput<'_>) -> Result<Facts, UnknownParam> {
             };
             let hash = wanted.then(|| {
                 let mut h = Sha256::new();
-                slice.for_each_run(pool.len(), numel as usize, |r| {
-                    elem.update(&mut h, &pool[r])
-                });
+                slice.for_each_run(pool.len(), numel as usize, |r| h.update(pool.le_bytes(r)));
                 hex::encode(h.finalize())
             });
             ParamFacts {
@@ -200,7 +321,7 @@ pub fn compute(input: &FactsInput<'_>) -> Result<Facts, UnknownParam> {
         pool_size,
         pool_sha256_f16le: (elem == HashElem::F16).then(|| pool_hash.clone()),
         pool_sha256_f32le: (elem == HashElem::F32).then_some(pool_hash),
-        pool_first8: pool.iter().take(8).copied().collect(),
+        pool_first8: pool.first(8),
         parameters,
         target_sha256_f64le: sha256_f64le(&target),
         nonces: input.nonces.to_vec(),

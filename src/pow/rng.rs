@@ -472,7 +472,7 @@ pub fn fill_standard_normal_parallel<T: Send>(
     map: impl Fn(f64) -> T + Sync,
 ) {
     let rng = Pcg64::from_entropy(entropy);
-    fill_mapped_parallel(rng, out, &map, ParallelPlan::default());
+    fill_mapped_parallel(rng, out, &map, ParallelPlan::default(), &mut |_| {});
 }
 
 /// [`fill_normal_parallel`] starting from the stream `rng` (at a sample boundary), with an
@@ -486,7 +486,44 @@ pub fn fill_normal_parallel_with<T: Send, F: Fn(f64) -> T + Sync>(
     map: &F,
     plan: ParallelPlan,
 ) {
-    fill_mapped_parallel(rng, out, &|z| map(loc + scale * z), plan);
+    fill_mapped_parallel(rng, out, &|z| map(loc + scale * z), plan, &mut |_| {});
+}
+
+/// [`fill_normal_parallel`] that hands each stretch of `out` to `done` as soon as it is
+/// final, in order (the stretches tile `out`). Whatever `done` does with a stretch (say,
+/// send it to a thread that hashes it) overlaps with the drawing of the next one.
+pub fn fill_normal_parallel_in_order<'a, T: Send>(
+    entropy: &[u32],
+    loc: f64,
+    scale: f64,
+    out: &'a mut [T],
+    map: impl Fn(f64) -> T + Sync,
+    mut done: impl FnMut(&'a [T]),
+) {
+    let rng = Pcg64::from_entropy(entropy);
+    fill_normal_parallel_in_order_with(
+        rng,
+        loc,
+        scale,
+        out,
+        &map,
+        ParallelPlan::default(),
+        &mut done,
+    );
+}
+
+/// [`fill_normal_parallel_in_order`] from the stream `rng`, with an explicit plan.
+#[doc(hidden)]
+pub fn fill_normal_parallel_in_order_with<'a, T: Send, F: Fn(f64) -> T + Sync>(
+    rng: Pcg64,
+    loc: f64,
+    scale: f64,
+    out: &'a mut [T],
+    map: &F,
+    plan: ParallelPlan,
+    done: &mut dyn FnMut(&'a [T]),
+) {
+    fill_mapped_parallel(rng, out, &|z| map(loc + scale * z), plan, done);
 }
 
 /// One chunk of a round: its own copy of the stream, the samples it made and the stream
@@ -513,20 +550,24 @@ struct Chunk<T> {
 /// that chunk's position, which is a true boundary, and the next round starts there: later
 /// chunks are redone rather than trusted. Rounds aim slightly short of the count still
 /// missing, and the last few samples are drawn sequentially.
-fn fill_mapped_parallel<T: Send, F: Fn(f64) -> T + Sync>(
+fn fill_mapped_parallel<'a, T: Send, F: Fn(f64) -> T + Sync>(
     mut rng: Pcg64,
-    out: &mut [T],
+    out: &'a mut [T],
     f: &F,
     plan: ParallelPlan,
+    done: &mut dyn FnMut(&'a [T]),
 ) {
     let chunks_per_round = plan.chunks.max(1);
     let chunk_draws = plan.chunk_draws.max(1);
     let mut chunks: Vec<Chunk<T>> = Vec::new();
-    let mut done = 0usize;
-    while done < out.len() {
-        let remaining = out.len() - done;
+    // What is still to be filled; each round's stretch is split off its front, handed to
+    // `done` and never written again.
+    let mut rest = out;
+    while !rest.is_empty() {
+        let remaining = rest.len();
         if remaining <= plan.sequential_below || chunks_per_round == 1 {
-            fill_sequential(&mut rng, &mut out[done..], f);
+            fill_sequential(&mut rng, rest, f);
+            done(rest);
             return;
         }
         // Each sample takes at least one draw, so `span` draws per chunk give at most
@@ -548,7 +589,10 @@ fn fill_mapped_parallel<T: Send, F: Fn(f64) -> T + Sync>(
         });
         let (used, skips) = stitch(round, f);
         rng = round[used - 1].rng.clone();
-        done += copy_out(&mut round[..used], &skips, &mut out[done..]);
+        let written = copy_out(&mut round[..used], &skips, rest);
+        let (stretch, tail) = std::mem::take(&mut rest).split_at_mut(written);
+        done(stretch);
+        rest = tail;
     }
 }
 
@@ -832,6 +876,47 @@ mod tests {
                     want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                     "n {n} plan {plan:?}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn in_order_stretches_tile_the_output_as_they_become_final() {
+        let entropy = [7, 0x5eed];
+        for n in [0usize, 1, 99, 5000, 30_000] {
+            let want = normals_seq(&entropy, n);
+            for (chunks, chunk_draws, sequential_below) in
+                [(3, 7, 0), (4, 500, 100), (2, 1 << 20, 0)]
+            {
+                let plan = ParallelPlan {
+                    chunks,
+                    chunk_draws,
+                    probe: 16,
+                    sequential_below,
+                };
+                let mut got = vec![f64::NAN; n];
+                let mut seen: Vec<f64> = Vec::new();
+                let mut stretches = 0;
+                fill_normal_parallel_in_order_with(
+                    Pcg64::from_entropy(&entropy),
+                    0.0,
+                    0.02,
+                    &mut got,
+                    &|v| v,
+                    plan,
+                    &mut |stretch: &[f64]| {
+                        // Final when handed over: the values the sequential stream gives.
+                        let at = seen.len();
+                        assert_eq!(stretch, &want[at..at + stretch.len()], "n {n} at {at}");
+                        seen.extend_from_slice(stretch);
+                        stretches += 1;
+                    },
+                );
+                assert_eq!(seen.len(), n, "the stretches cover the output");
+                assert_eq!(got, want);
+                if n > 1000 && chunk_draws < 1000 {
+                    assert!(stretches > 1, "n {n}: handed over in more than one stretch");
+                }
             }
         }
     }

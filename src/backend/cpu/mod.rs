@@ -24,8 +24,10 @@
 //! nothing for it and the f16 / bf16 roundings are branch-free arithmetic that the
 //! compiler vectorises (they agree with [`Dtype::round`] on every input; see the tests).
 
+mod attention;
 pub mod matmul;
 mod model;
+mod simd;
 
 pub use model::{CpuLayer, CpuModel, CpuWeights};
 
@@ -37,6 +39,7 @@ use crate::pow::weights;
 use crate::pow::weights::{LayerWeights, ModelWeights};
 use matmul::{linear, Kernel};
 use rayon::prelude::*;
+use simd::wide_fn;
 use std::sync::{Arc, Mutex};
 
 /// Elements per rayon task in elementwise passes.
@@ -152,14 +155,21 @@ impl RopeTable {
                 let pos = first_pos + r % rows_per_batch;
                 let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
                 let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
-                for head in row.chunks_exact_mut(hd) {
-                    for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
-                        let (x0, x1) = (pair[0], pair[1]);
-                        pair[0] = R::round(x0 * c - x1 * s);
-                        pair[1] = R::round(x1 * c + x0 * s);
-                    }
-                }
+                rope_row::<R>(row, hd, cos, sin)
             });
+    }
+}
+
+wide_fn! {
+    /// The rotation of every head of one row, compiled for the widest vectors.
+    fn rope_row<R: Rounding>(row: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
+        for head in row.chunks_exact_mut(hd) {
+            for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                let (x0, x1) = (pair[0], pair[1]);
+                pair[0] = R::round(x0 * c - x1 * s);
+                pair[1] = R::round(x1 * c + x0 * s);
+            }
+        }
     }
 }
 
@@ -267,15 +277,20 @@ pub fn rmsnorm<R: Rounding>(x: &[f32], weight: &[f32], out: &mut [f32], dim: usi
     let rows_per_task = (ELEMWISE_CHUNK / dim).max(1);
     out.par_chunks_mut(dim * rows_per_task)
         .zip(x.par_chunks(dim * rows_per_task))
-        .for_each(|(out, x)| {
-            for (o, xr) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
-                let ms = sum_squares(xr) / dim as f32;
-                let inv = 1.0f32 / (ms + eps).sqrt();
-                for ((o, &v), &w) in o.iter_mut().zip(xr).zip(weight) {
-                    *o = R::round(R::round(v * inv) * w);
-                }
+        .for_each(|(out, x)| rmsnorm_rows::<R>(x, weight, out, dim, eps));
+}
+
+wide_fn! {
+    /// RMSNorm of whole rows, compiled for the widest vectors.
+    fn rmsnorm_rows<R: Rounding>(x: &[f32], weight: &[f32], out: &mut [f32], dim: usize, eps: f32) {
+        for (o, xr) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+            let ms = sum_squares(xr) / dim as f32;
+            let inv = 1.0f32 / (ms + eps).sqrt();
+            for ((o, &v), &w) in o.iter_mut().zip(xr).zip(weight) {
+                *o = R::round(R::round(v * inv) * w);
             }
-        });
+        }
+    }
 }
 
 /// `x = round_T(x + y)`.
@@ -283,11 +298,16 @@ pub fn rmsnorm<R: Rounding>(x: &[f32], weight: &[f32], out: &mut [f32], dim: usi
 pub fn add_round<R: Rounding>(x: &mut [f32], y: &[f32]) {
     x.par_chunks_mut(ELEMWISE_CHUNK)
         .zip(y.par_chunks(ELEMWISE_CHUNK))
-        .for_each(|(x, y)| {
-            for (a, &b) in x.iter_mut().zip(y) {
-                *a = R::round(*a + b);
-            }
-        });
+        .for_each(|(x, y)| add_round_chunk::<R>(x, y));
+}
+
+wide_fn! {
+    /// `x = round_T(x + y)` on one chunk, compiled for the widest vectors.
+    fn add_round_chunk<R: Rounding>(x: &mut [f32], y: &[f32]) {
+        for (a, &b) in x.iter_mut().zip(y) {
+            *a = R::round(*a + b);
+        }
+    }
 }
 
 /// `a = round_T(round_T(silu(a)) * b)`, silu(a) = a / (1 + exp(-a)) in f32.
@@ -295,12 +315,17 @@ pub fn add_round<R: Rounding>(x: &mut [f32], y: &[f32]) {
 pub fn silu_mul<R: Rounding>(a: &mut [f32], b: &[f32]) {
     a.par_chunks_mut(ELEMWISE_CHUNK)
         .zip(b.par_chunks(ELEMWISE_CHUNK))
-        .for_each(|(a, b)| {
-            for (x, &y) in a.iter_mut().zip(b) {
-                let s = R::round(*x / (1.0 + (-*x).exp()));
-                *x = R::round(s * y);
-            }
-        });
+        .for_each(|(a, b)| silu_mul_chunk::<R>(a, b));
+}
+
+wide_fn! {
+    /// [`silu_mul`] on one chunk, compiled for the widest vectors.
+    fn silu_mul_chunk<R: Rounding>(a: &mut [f32], b: &[f32]) {
+        for (x, &y) in a.iter_mut().zip(b) {
+            let s = R::round(*x / (1.0 + (-*x).exp()));
+            *x = R::round(s * y);
+        }
+    }
 }
 
 #[inline]
@@ -403,6 +428,8 @@ pub struct ForwardScratch {
     tmp: Vec<f32>,
     h1: Vec<f32>,
     h3: Vec<f32>,
+    /// The keys transposed for [`attention::attention_by_keys`].
+    kt: Vec<f32>,
 }
 
 impl ForwardScratch {
@@ -414,6 +441,7 @@ impl ForwardScratch {
     pub fn bytes(&self) -> usize {
         4 * [
             &self.x, &self.xn, &self.q, &self.k, &self.v, &self.att, &self.tmp, &self.h1, &self.h3,
+            &self.kt,
         ]
         .iter()
         .map(|b| b.len())
@@ -435,6 +463,10 @@ impl ForwardScratch {
         grow(&mut self.tmp, m * d.dim);
         grow(&mut self.h1, m * d.hidden);
         grow(&mut self.h3, m * d.hidden);
+        grow(
+            &mut self.kt,
+            attention::transposed_len(m / d.seq, &d.attn_shape(d.seq)),
+        );
     }
 }
 
@@ -450,6 +482,19 @@ struct Dims {
     hd: usize,
     hidden: usize,
     eps: f32,
+}
+
+impl Dims {
+    /// The attention shape with `q_rows` query rows per nonce.
+    fn attn_shape(&self, q_rows: usize) -> AttnShape {
+        AttnShape {
+            seq: self.seq,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.hd,
+            q_rows_per_batch: q_rows,
+        }
+    }
 }
 
 /// `x = x + FFN(RMSNorm_f(x))` on `rows` rows.
@@ -520,15 +565,11 @@ fn block<R: Rounding>(
         linear::<R>(kernel, q, xn, m, dim, &lw.wq);
     }
     rope.apply::<R>(q, q_width, qr, seq - qr);
-    let shape = AttnShape {
-        seq,
-        n_heads,
-        n_kv_heads,
-        head_dim: hd,
-        q_rows_per_batch: qr,
-    };
+    let shape = d.attn_shape(qr);
+    let kt = &mut s.kt[..attention::transposed_len(batch, &shape)];
+    attention::transpose_keys(k, kt, batch, &shape);
     let att = &mut s.att[..mq * q_width];
-    attention::<R>(q, k, v, att, shape);
+    attention::attention_by_keys::<R>(q, kt, v, att, shape);
     let proj = &mut s.tmp[..mq * dim];
     linear::<R>(kernel, proj, att, mq, q_width, &lw.wo);
     if last && seq > 1 {

@@ -50,8 +50,7 @@ impl CpuModel {
     /// Build every parameter the forward pass reads from the pool of `block_hash`, packed
     /// for the path [`Kernel::select`] picks on this machine.
     pub fn build(block_hash: &str, params: &Params, dtype: Dtype) -> Result<Self, BackendError> {
-        let kernel =
-            Kernel::select(dtype).map_err(|e| BackendError::Unsupported(e.to_string()))?;
+        let kernel = Kernel::select(dtype).map_err(|e| BackendError::Unsupported(e.to_string()))?;
         let pool = weights::build_pool(
             block_hash,
             weights::pool_size(weights::total_params(params)),
@@ -117,7 +116,12 @@ impl CpuModel {
             .par_iter()
             .map(|spec| build_param(spec, values(spec).to_vec(), w.dtype, kernel))
             .collect::<Result<Vec<Built>, PackError>>()?;
-        Ok(assemble(&w.params, w.dtype, kernel, specs.iter().zip(built)))
+        Ok(assemble(
+            &w.params,
+            w.dtype,
+            kernel,
+            specs.iter().zip(built),
+        ))
     }
 
     /// Bytes held by the weights.

@@ -19,7 +19,8 @@
 //! stores C to a staging block and writes the valid rows and columns rounded to the dtype.
 
 use super::blocked::SharedDst;
-use super::pack::{bits16, PANEL, PAIRS_K_ALIGN};
+use super::pack::{bits16, PAIRS_K_ALIGN, PANEL};
+use super::Features;
 use crate::pow::dtype::{Dtype, Rounding};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -246,6 +247,7 @@ pub(super) fn run<U: TileUnit, R: Rounding>(
     let per_group = panels.div_ceil(groups);
     let groups = panels.div_ceil(per_group);
     let out = SharedDst::new(dst);
+    let wide = Features::host().avx512f;
     (0..row_blocks * groups).into_par_iter().for_each(|task| {
         let (rb, g) = (task / groups, task % groups);
         let row0 = rb * BLOCK_ROWS;
@@ -265,8 +267,8 @@ pub(super) fn run<U: TileUnit, R: Rounding>(
             let mut staging = Staging([[0f32; PANEL]; BLOCK_ROWS]);
             let a_stride = 2 * k_pad;
             let a_base = a16.as_ptr().cast::<u8>();
-            // SAFETY: (the tile calls below) the unit is configured first and released
-            // last, on this thread. A tile loads rows r0..r0 + 16 of the 32-row block at
+            // SAFETY: (the tile calls and the copies below) the unit is configured first and
+            // released last, on this thread. A tile loads rows r0..r0 + 16 of the 32-row block at
             // input kb * 32, 64 bytes each: inside `a16` (32 rows of k_pad values, k_pad a
             // multiple of 32). B tiles load 16 pair rows of 128 bytes from input pair
             // kb * 16 of panel p, the first 64 or the last 64 bytes: inside the panel
@@ -300,20 +302,44 @@ pub(super) fn run<U: TileUnit, R: Rounding>(
                     unit.store::<C11>(s.add(TILE_ROWS * row_bytes + TILE_COLSB), row_bytes);
                     let cols = PANEL.min(n - p * PANEL);
                     for (r, srow) in staging.0.iter().enumerate().take(rows) {
-                        // SAFETY: this task alone writes rows row0..row0 + rows and the
-                        // columns of its panels; row0 + r < m and p * 32 + cols <= n, and
-                        // dst.len() >= m * n.
-                        let drow = std::slice::from_raw_parts_mut(
-                            out.at((row0 + r) * n + p * PANEL),
-                            cols,
-                        );
-                        for (d, &v) in drow.iter_mut().zip(srow) {
-                            *d = R::round(v);
-                        }
+                        // This task alone writes rows row0..row0 + rows and the columns of
+                        // its panels; row0 + r < m and p * 32 + cols <= n <= dst row length.
+                        let d = out.at((row0 + r) * n + p * PANEL);
+                        copy_rounded::<R>(srow, d, cols, wide);
                     }
                 }
                 unit.release();
             }
         });
     });
+}
+
+/// Write the first `cols` values of a staging row to `dst`, rounded to `R`'s dtype; with
+/// AVX-512F when `wide` (every CPU with AMX has it), else one value at a time.
+///
+/// # Safety
+/// `cols <= 32` values at `dst` are writable and unaliased; `wide` only if the CPU has
+/// AVX-512F.
+unsafe fn copy_rounded<R: Rounding>(src: &[f32; PANEL], dst: *mut f32, cols: usize, wide: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        let (lo, hi) = src.split_at(16);
+        let (lo, hi): (&[f32; 16], &[f32; 16]) = (lo.try_into().unwrap(), hi.try_into().unwrap());
+        // SAFETY: the caller guarantees `cols` writable values at dst and AVX-512F; each
+        // call writes at most its own 16 of them (the second starts 16 further on, and only
+        // when there are more than 16).
+        unsafe {
+            super::x86::store_rounded_x16(lo, dst, cols.min(16), R::DTYPE);
+            if cols > 16 {
+                super::x86::store_rounded_x16(hi, dst.add(16), cols - 16, R::DTYPE);
+            }
+        }
+        return;
+    }
+    let _ = wide;
+    // SAFETY: the caller guarantees `cols` writable, unaliased values at dst.
+    let d = unsafe { std::slice::from_raw_parts_mut(dst, cols) };
+    for (d, &v) in d.iter_mut().zip(src) {
+        *d = R::round(v);
+    }
 }

@@ -9,10 +9,10 @@
 //! about 300 KB, held in L2), then for each panel (its 32 KB stretch stays in L1 while it is
 //! used) every micro-panel is multiplied. An output is accumulated across the stretches in
 //! `dst` itself (stored and reloaded as f32, which changes nothing), and rounded to the model
-//! dtype right after its last stretch, while it is still in L1.
+//! dtype by the kernel as it stores the last stretch.
 
 use super::pack::PANEL;
-use crate::pow::dtype::Rounding;
+use crate::pow::dtype::{Dtype, Rounding};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -37,27 +37,32 @@ pub(super) trait BlockKernel: Sync {
     /// `K_STEP` is 1), as a 32-bit word: an f32, or a bf16 pair (low half `lo`).
     fn pack_a(lo: f32, hi: f32) -> u32;
 
-    /// `c[r][j] (+)= sum over steps` for `r < rows`, `j < cols`, in the kernel's order.
+    /// `c[r][j] (+)= sum over steps` for `r < out.rows`, `j < out.cols`, in the kernel's
+    /// order, rounded to `out.round` when given (the last stretch of `k`).
     ///
     /// # Safety
     /// - `a` holds `steps * MR` packed words (step-major, `MR` rows per step);
     /// - `b` holds `steps * PANEL * K_STEP` weight values (the panel's stretch);
-    /// - `c` is valid for reads and writes of `cols` values at `c + r * ldc` for `r < rows`,
-    ///   and nothing else aliases those values during the call;
-    /// - `rows <= MR`, `cols <= PANEL`;
+    /// - `out.c` is valid for reads and writes of `out.cols` values at `out.c + r * out.ldc`
+    ///   for `r < out.rows`, and nothing else aliases those values during the call;
+    /// - `out.rows <= MR`, `out.cols <= PANEL`;
     /// - the CPU has the kernel's instruction set (the caller checked `Features`).
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block(
-        &self,
-        steps: usize,
-        a: *const u32,
-        b: *const Self::B,
-        c: *mut f32,
-        ldc: usize,
-        rows: usize,
-        cols: usize,
-        accumulate: bool,
-    );
+    unsafe fn block(&self, steps: usize, a: *const u32, b: *const Self::B, out: &BlockOut);
+}
+
+/// Where a kernel's block goes.
+pub(super) struct BlockOut {
+    /// The block's first output.
+    pub c: *mut f32,
+    /// Distance between two rows of `c`.
+    pub ldc: usize,
+    /// Valid rows (at most `MR`) and columns (at most 32).
+    pub rows: usize,
+    pub cols: usize,
+    /// Start from the values in `c` (a later stretch of `k`) instead of zero.
+    pub accumulate: bool,
+    /// Round to this dtype when storing (after the last stretch; `None` for f32 models).
+    pub round: Option<Dtype>,
 }
 
 /// The operands of one product, checked by the caller (`super::linear`).
@@ -134,22 +139,12 @@ thread_local! {
     static PACKED_A: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Round `rows` rows of `cols` values at `c` (row stride `ldc`) to the model dtype.
-///
-/// # Safety
-/// `c + r * ldc .. + cols` is valid for reads and writes and unaliased, for `r < rows`.
-pub(super) unsafe fn round_block<R: Rounding>(c: *mut f32, ldc: usize, rows: usize, cols: usize) {
-    for r in 0..rows {
-        // SAFETY: the caller guarantees this row segment is valid and unaliased.
-        let row = unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), cols) };
-        for v in row {
-            *v = R::round(*v);
-        }
-    }
-}
-
 /// `dst[i][j] = round_T(sum_l x[i][l] w[j][l])` with the kernel `K`.
-pub(super) fn run<K: BlockKernel, R: Rounding>(kernel: &K, dst: &mut [f32], op: Operands<'_, K::B>) {
+pub(super) fn run<K: BlockKernel, R: Rounding>(
+    kernel: &K,
+    dst: &mut [f32],
+    op: Operands<'_, K::B>,
+) {
     let Operands {
         x,
         m,
@@ -168,6 +163,7 @@ pub(super) fn run<K: BlockKernel, R: Rounding>(kernel: &K, dst: &mut [f32], op: 
     let row_blocks = m.div_ceil(plan.rows_per_task);
     let groups = panels.div_ceil(plan.panels_per_task);
     let out = SharedDst::new(dst);
+    let round = (R::DTYPE != Dtype::F32).then_some(R::DTYPE);
     (0..row_blocks * groups).into_par_iter().for_each(|task| {
         let (rb, g) = (task / groups, task % groups);
         let rows = rb * plan.rows_per_task..m.min((rb + 1) * plan.rows_per_task);
@@ -198,20 +194,20 @@ pub(super) fn run<K: BlockKernel, R: Rounding>(kernel: &K, dst: &mut [f32], op: 
                         // stretch `steps * 32 * K_STEP` values (panel_len covers every step).
                         // `linear` checked that the CPU has the kernel's instructions.
                         unsafe {
-                            let c = out.at(row0 * n + p * PANEL);
+                            let out = BlockOut {
+                                c: out.at(row0 * n + p * PANEL),
+                                ldc: n,
+                                rows: here,
+                                cols,
+                                accumulate: s0 > 0,
+                                round: round.filter(|_| last),
+                            };
                             kernel.block(
                                 steps,
                                 packed.as_ptr().add(mp * steps * K::MR),
                                 b.as_ptr(),
-                                c,
-                                n,
-                                here,
-                                cols,
-                                s0 > 0,
+                                &out,
                             );
-                            if last {
-                                round_block::<R>(c, n, here, cols);
-                            }
                         }
                     }
                 }
@@ -233,6 +229,10 @@ fn pack_rows<K: BlockKernel>(
     steps: usize,
 ) {
     let mr = K::MR;
+    // Inputs of this stretch, and how many of its steps are whole (every input inside k).
+    let l0 = s0 * K::K_STEP;
+    let l_end = ((s0 + steps) * K::K_STEP).min(k);
+    let whole = (l_end - l0) / K::K_STEP;
     for (mp, chunk) in packed
         .chunks_mut(steps * mr)
         .take(rows.len().div_ceil(mr))
@@ -240,22 +240,24 @@ fn pack_rows<K: BlockKernel>(
     {
         for r in 0..mr {
             let row = rows.start + mp * mr + r;
+            // One word per step at r of each MR-word group: a column of the micro-panel.
+            let column = chunk.chunks_exact_mut(mr).map(move |step| &mut step[r]);
             if row >= rows.end {
-                for s in 0..steps {
-                    chunk[s * mr + r] = 0;
-                }
+                column.for_each(|w| *w = 0);
                 continue;
             }
-            let src = &x[row * x_row_stride..row * x_row_stride + k];
-            for s in 0..steps {
-                let l = (s0 + s) * K::K_STEP;
-                let lo = src[l];
-                let hi = if K::K_STEP > 1 && l + 1 < k {
-                    src[l + 1]
-                } else {
-                    0.0
+            let src = &x[row * x_row_stride + l0..row * x_row_stride + l_end];
+            let mut column = column;
+            for (w, inputs) in column.by_ref().zip(src.chunks_exact(K::K_STEP)).take(whole) {
+                *w = K::pack_a(inputs[0], if K::K_STEP > 1 { inputs[1] } else { 0.0 });
+            }
+            // A last pair with one input inside k (K_STEP 2, odd k), then zeros.
+            let rest = &src[whole * K::K_STEP..];
+            for (i, w) in column.enumerate() {
+                *w = match (i, rest) {
+                    (0, [lo, ..]) => K::pack_a(*lo, 0.0),
+                    _ => 0,
                 };
-                chunk[s * mr + r] = K::pack_a(lo, hi);
             }
         }
     }
@@ -322,17 +324,7 @@ impl<E: Widen> BlockKernel for ScalarFma<E> {
         lo.to_bits()
     }
 
-    unsafe fn block(
-        &self,
-        steps: usize,
-        a: *const u32,
-        b: *const E,
-        c: *mut f32,
-        ldc: usize,
-        rows: usize,
-        cols: usize,
-        accumulate: bool,
-    ) {
+    unsafe fn block(&self, steps: usize, a: *const u32, b: *const E, out: &BlockOut) {
         // SAFETY: the caller guarantees `steps * MR` words at `a` and `steps * PANEL`
         // values at `b`.
         let (a, b) = unsafe {
@@ -341,11 +333,12 @@ impl<E: Widen> BlockKernel for ScalarFma<E> {
                 std::slice::from_raw_parts(b, steps * PANEL),
             )
         };
+        let (rows, cols) = (out.rows, out.cols);
         let mut acc = [[0f32; PANEL]; SCALAR_MR];
-        if accumulate {
+        if out.accumulate {
             for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
                 // SAFETY: row r < rows of the block is valid for `cols` reads.
-                let row = unsafe { std::slice::from_raw_parts(c.add(r * ldc), cols) };
+                let row = unsafe { std::slice::from_raw_parts(out.c.add(r * out.ldc), cols) };
                 acc_r[..cols].copy_from_slice(row);
             }
         }
@@ -360,8 +353,15 @@ impl<E: Widen> BlockKernel for ScalarFma<E> {
         }
         for (r, acc_r) in acc.iter().enumerate().take(rows) {
             // SAFETY: row r < rows of the block is valid for `cols` writes, unaliased.
-            let row = unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), cols) };
-            row.copy_from_slice(&acc_r[..cols]);
+            let row = unsafe { std::slice::from_raw_parts_mut(out.c.add(r * out.ldc), cols) };
+            match out.round {
+                Some(dtype) => {
+                    for (o, &v) in row.iter_mut().zip(acc_r) {
+                        *o = dtype.round(v);
+                    }
+                }
+                None => row.copy_from_slice(&acc_r[..cols]),
+            }
         }
     }
 }

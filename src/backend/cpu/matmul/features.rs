@@ -111,7 +111,11 @@ mod amx {
         if max_leaf < 7 {
             return none("the CPU has no CPUID leaf 7, so no AMX");
         }
-        let (leaf1, leaf7, leaf7_1) = (__cpuid_count(1, 0), __cpuid_count(7, 0), __cpuid_count(7, 1));
+        let (leaf1, leaf7, leaf7_1) = (
+            __cpuid_count(1, 0),
+            __cpuid_count(7, 0),
+            __cpuid_count(7, 1),
+        );
         if leaf7.edx & EDX_AMX_TILE == 0 {
             return none("the CPU has no AMX tiles (CPUID AMX-TILE is clear)");
         }
@@ -171,7 +175,13 @@ mod amx {
         // SAFETY: arch_prctl with ARCH_REQ_XCOMP_PERM takes two integer arguments and only
         // changes this process's permitted xstate features; an unknown request returns an
         // error (EINVAL) instead of doing anything.
-        let rc = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
         rc == 0
     }
 

@@ -116,9 +116,7 @@ impl Cap {
         match std::env::var(MATMUL_ENV) {
             Ok(v) => Cap::parse(&v),
             Err(std::env::VarError::NotPresent) => Ok(Cap::Amx),
-            Err(std::env::VarError::NotUnicode(v)) => {
-                Err(BadCap(v.to_string_lossy().into_owned()))
-            }
+            Err(std::env::VarError::NotUnicode(v)) => Err(BadCap(v.to_string_lossy().into_owned())),
         }
     }
 }
@@ -336,11 +334,7 @@ pub fn linear<R: Rounding>(
         }
         #[cfg(test)]
         (Kernel::AmxModel, Storage::Bits16(d), Dtype::Bf16) => {
-            amx::run::<amx_model::TileModel<false>, R>(
-                amx_model::TileModel::new,
-                dst,
-                amx_ops!(d),
-            )
+            amx::run::<amx_model::TileModel<false>, R>(amx_model::TileModel::new, dst, amx_ops!(d))
         }
         (kernel, _, dtype) => unreachable!("{kernel} runs {dtype}, checked above"),
     }

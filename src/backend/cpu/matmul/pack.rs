@@ -116,7 +116,15 @@ impl PackedWeight {
             }
             (_, _) => {
                 let mut data = vec![0u16; panels * panel_len];
-                fill_panels(&mut data, panel_len, n, k, layout, |v| bits16(v, dtype), values);
+                fill_panels(
+                    &mut data,
+                    panel_len,
+                    n,
+                    k,
+                    layout,
+                    |v| bits16(v, dtype),
+                    values,
+                );
                 Storage::Bits16(data)
             }
         };

@@ -65,7 +65,11 @@ impl Case {
         let mut x = vec![f32::NAN; (m - 1) * stride + k];
         for i in 0..m {
             for l in 0..k {
-                x[i * stride + l] = if exact { rng.exact() } else { rng.value(2.0, dtype) };
+                x[i * stride + l] = if exact {
+                    rng.exact()
+                } else {
+                    rng.value(2.0, dtype)
+                };
             }
         }
         let scale = 1.5 / (k as f32).sqrt();
@@ -103,13 +107,21 @@ impl Case {
             .expect("packable");
         let mut dst = vec![-7.25f32; self.m * self.n + 3];
         match self.dtype {
-            Dtype::F32 => linear::<RoundF32>(kernel, &mut dst, &self.x, self.m, self.stride, &packed),
-            Dtype::F16 => linear::<RoundF16>(kernel, &mut dst, &self.x, self.m, self.stride, &packed),
+            Dtype::F32 => {
+                linear::<RoundF32>(kernel, &mut dst, &self.x, self.m, self.stride, &packed)
+            }
+            Dtype::F16 => {
+                linear::<RoundF16>(kernel, &mut dst, &self.x, self.m, self.stride, &packed)
+            }
             Dtype::Bf16 => {
                 linear::<RoundBf16>(kernel, &mut dst, &self.x, self.m, self.stride, &packed)
             }
         }
-        assert_eq!(&dst[self.m * self.n..], &[-7.25; 3], "{kernel}: wrote past m * n");
+        assert_eq!(
+            &dst[self.m * self.n..],
+            &[-7.25; 3],
+            "{kernel}: wrote past m * n"
+        );
         dst.truncate(self.m * self.n);
         dst
     }
@@ -277,7 +289,8 @@ fn every_path_follows_its_stated_order_bit_for_bit() {
                 // Equal as numbers: an output of exactly zero may carry either sign.
                 let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
                 assert_eq!(
-                    differ, 0,
+                    differ,
+                    0,
                     "{kernel} {dtype} {m}x{n}x{k}+{gap}: {differ} outputs differ from the order \
                      it states\n got {:?}\nwant {:?}",
                     &got[..got.len().min(8)],
@@ -353,7 +366,11 @@ fn fma_paths_agree_with_each_other_bit_for_bit() {
             let case = Case::new(m, n, k, gap, dtype, 7, false);
             let want = bits(&case.run(Kernel::Scalar));
             for &kernel in &fma[1..] {
-                assert_eq!(bits(&case.run(kernel)), want, "{kernel} {dtype} {m}x{n}x{k}");
+                assert_eq!(
+                    bits(&case.run(kernel)),
+                    want,
+                    "{kernel} {dtype} {m}x{n}x{k}"
+                );
             }
         }
     }
@@ -392,7 +409,10 @@ fn selection_takes_the_fastest_path_within_the_cap() {
     assert_eq!(Kernel::best(Dtype::F16, &all, Cap::Amx), Kernel::Amx);
     assert_eq!(Kernel::best(Dtype::Bf16, &all, Cap::Amx), Kernel::Amx);
     assert_eq!(Kernel::best(Dtype::F32, &all, Cap::Amx), Kernel::Avx512);
-    assert_eq!(Kernel::best(Dtype::Bf16, &all, Cap::Avx512), Kernel::Avx512Bf16);
+    assert_eq!(
+        Kernel::best(Dtype::Bf16, &all, Cap::Avx512),
+        Kernel::Avx512Bf16
+    );
     assert_eq!(Kernel::best(Dtype::F16, &all, Cap::Avx512), Kernel::Avx512);
     assert_eq!(Kernel::best(Dtype::F16, &all, Cap::Avx2), Kernel::Avx2);
     assert_eq!(Kernel::best(Dtype::Bf16, &all, Cap::Scalar), Kernel::Scalar);
@@ -403,13 +423,19 @@ fn selection_takes_the_fastest_path_within_the_cap() {
         ..all
     };
     assert_eq!(Kernel::best(Dtype::F16, &no_amx, Cap::Amx), Kernel::Avx512);
-    assert_eq!(Kernel::best(Dtype::Bf16, &no_amx, Cap::Amx), Kernel::Avx512Bf16);
+    assert_eq!(
+        Kernel::best(Dtype::Bf16, &no_amx, Cap::Amx),
+        Kernel::Avx512Bf16
+    );
     // AMX-BF16 without AMX-FP16 (Sapphire Rapids): AMX for bf16 only.
     let bf16_only = Features {
         amx_fp16: false,
         ..all
     };
-    assert_eq!(Kernel::best(Dtype::F16, &bf16_only, Cap::Amx), Kernel::Avx512);
+    assert_eq!(
+        Kernel::best(Dtype::F16, &bf16_only, Cap::Amx),
+        Kernel::Avx512
+    );
     assert_eq!(Kernel::best(Dtype::Bf16, &bf16_only, Cap::Amx), Kernel::Amx);
     // The AVX2 path needs F16C (for every dtype: one kernel serves all three).
     let avx2 = Features {
@@ -420,7 +446,10 @@ fn selection_takes_the_fastest_path_within_the_cap() {
     let avx2 = Features { f16c: true, ..avx2 };
     assert_eq!(Kernel::best(Dtype::F16, &avx2, Cap::Amx), Kernel::Avx2);
     assert_eq!(Kernel::best(Dtype::Bf16, &avx2, Cap::Amx), Kernel::Avx2);
-    assert_eq!(Kernel::best(Dtype::F32, &Features::default(), Cap::Amx), Kernel::Scalar);
+    assert_eq!(
+        Kernel::best(Dtype::F32, &Features::default(), Cap::Amx),
+        Kernel::Scalar
+    );
     // Whatever the host, the choice runs on it.
     for dtype in Dtype::ALL {
         for cap in [Cap::Scalar, Cap::Avx2, Cap::Avx512, Cap::Amx] {
@@ -456,7 +485,11 @@ fn vdpbf16ps_does_what_the_sdm_says() {
         let word = |tiny: bool, rng: &mut Rng| -> u16 {
             let r = rng.next();
             let sign = ((r >> 15) & 1) as u16;
-            let exp = if tiny { (r >> 8) % 3 } else { 120 + (r >> 8) % 16 } as u16;
+            let exp = if tiny {
+                (r >> 8) % 3
+            } else {
+                120 + (r >> 8) % 16
+            } as u16;
             (sign << 15) | (exp << 7) | (r & 0x7F) as u16
         };
         let mut checked = 0;
@@ -572,7 +605,11 @@ fn the_amx_assembly_agrees_with_the_model() {
             let hw = case.run(Kernel::Amx);
             let model = case.run(Kernel::AmxModel);
             for ((h, w), mag) in hw.iter().zip(&model).zip(case.magnitudes()) {
-                let unit = if dtype == Dtype::F16 { 2f64.powi(-10) } else { 2f64.powi(-7) };
+                let unit = if dtype == Dtype::F16 {
+                    2f64.powi(-10)
+                } else {
+                    2f64.powi(-7)
+                };
                 let bound = 2.0 * k as f64 * 2f64.powi(-24) * mag
                     + 2.0 * unit * (h.abs().max(w.abs()) as f64);
                 assert!(
@@ -590,5 +627,53 @@ fn the_amx_assembly_agrees_with_the_model() {
     }
     if !ran {
         eprintln!("the AMX assembly layer was not run on this machine");
+    }
+}
+
+/// The vector roundings of the kernels' stores against `Dtype::round`: every upper half with
+/// low halves around the ties, and random patterns.
+#[test]
+fn vector_roundings_equal_dtype_round() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let host = Features::host();
+        let lows: [u32; 12] = [
+            0x0000, 0x0001, 0x0FFF, 0x1000, 0x1001, 0x7FFF, 0x8000, 0x8001, 0xC000, 0xE000, 0xF000,
+            0xFFFF,
+        ];
+        let mut rng = Rng(11);
+        let mut patterns: Vec<u32> = (0u32..1 << 16)
+            .flat_map(|hi| lows.iter().map(move |&lo| hi << 16 | lo))
+            .collect();
+        patterns.extend((0..200_000).map(|_| rng.next() as u32));
+        for dtype in [Dtype::F16, Dtype::Bf16] {
+            let same = |got: f32, x: f32, path: &str| {
+                let want = dtype.round(x);
+                assert!(
+                    got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                    "{path} {dtype}: {x:e} ({:#010x}) -> {got:e}, want {want:e}",
+                    x.to_bits()
+                );
+            };
+            for chunk in patterns.chunks_exact(16) {
+                let v: [f32; 16] = std::array::from_fn(|i| f32::from_bits(chunk[i]));
+                if host.avx512f {
+                    let mut out = [0f32; 16];
+                    // SAFETY: AVX-512F is present; 16 writable values.
+                    unsafe { x86::store_rounded_x16(&v, out.as_mut_ptr(), 16, dtype) };
+                    for (g, x) in out.iter().zip(&v) {
+                        same(*g, *x, "avx512");
+                    }
+                }
+                if host.avx2_fma && host.f16c {
+                    let lo: [f32; 8] = std::array::from_fn(|i| v[i]);
+                    // SAFETY: AVX2, FMA and F16C are present.
+                    let out = unsafe { x86::round_x8_lanes(lo, dtype) };
+                    for (g, x) in out.iter().zip(&lo) {
+                        same(*g, *x, "avx2");
+                    }
+                }
+            }
+        }
     }
 }

@@ -14,8 +14,9 @@
 //! denormal results flushed to zero; the products of two bf16 values are exact in f32, so
 //! each step is one rounding. `tests` check the instruction against that statement.
 
-use super::blocked::{BlockKernel, Bf16Bits, F16Bits};
+use super::blocked::{Bf16Bits, BlockKernel, BlockOut, F16Bits};
 use super::pack::PANEL;
+use crate::pow::dtype::Dtype;
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
@@ -31,6 +32,83 @@ fn lanes16(n: usize) -> __mmask16 {
         0xFFFF
     } else {
         ((1u32 << n) - 1) as __mmask16
+    }
+}
+
+/// f32 lanes rounded to f16 and back: `vcvtps2ph` rounds to nearest even (f16 subnormals
+/// and overflow to infinity included), exactly [`crate::pow::dtype::RoundF16`].
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn round_f16_x16(v: __m512) -> __m512 {
+    _mm512_cvtph_ps(_mm512_cvtps_ph::<
+        { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+    >(v))
+}
+
+/// f32 lanes rounded to bf16 and back: [`crate::pow::dtype::RoundBf16`]'s integer
+/// arithmetic (ties to even on bit 16, NaNs kept quiet), lane by lane.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn round_bf16_x16(v: __m512) -> __m512 {
+    let bits = _mm512_castps_si512(v);
+    let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+    let upper = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    let rounded = _mm512_and_si512(
+        _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd),
+        upper,
+    );
+    let magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFF_FFFF));
+    let nan = _mm512_cmpgt_epi32_mask(magnitude, _mm512_set1_epi32(0x7F80_0000));
+    let quiet = _mm512_and_si512(_mm512_or_si512(bits, _mm512_set1_epi32(0x0040_0000)), upper);
+    _mm512_castsi512_ps(_mm512_mask_blend_epi32(nan, rounded, quiet))
+}
+
+/// `v` rounded to `dtype` (none: as it is).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn round_x16(v: __m512, dtype: Option<Dtype>) -> __m512 {
+    match dtype {
+        Some(Dtype::F16) => round_f16_x16(v),
+        Some(Dtype::Bf16) => round_bf16_x16(v),
+        Some(Dtype::F32) | None => v,
+    }
+}
+
+/// The 8-lane forms of [`round_f16_x16`] and [`round_bf16_x16`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn round_x8(v: __m256, dtype: Option<Dtype>) -> __m256 {
+    match dtype {
+        Some(Dtype::F16) => _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)),
+        Some(Dtype::Bf16) => {
+            let bits = _mm256_castps_si256(v);
+            let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+            let upper = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+            let rounded = _mm256_and_si256(
+                _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd),
+                upper,
+            );
+            let magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFF_FFFF));
+            let nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7F80_0000));
+            let quiet =
+                _mm256_and_si256(_mm256_or_si256(bits, _mm256_set1_epi32(0x0040_0000)), upper);
+            _mm256_castsi256_ps(_mm256_blendv_epi8(rounded, quiet, nan))
+        }
+        Some(Dtype::F32) | None => v,
+    }
+}
+
+/// Round 16 values of `src` to `dtype` and store the first `n` at `dst`, with AVX-512F
+/// (for the AMX driver's copy out of its staging block).
+///
+/// # Safety
+/// `n <= 16` values at `dst` are writable; the CPU has AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn store_rounded_x16(src: &[f32; 16], dst: *mut f32, n: usize, dtype: Dtype) {
+    // SAFETY: 16 readable values at src; masked-off lanes of dst are not written.
+    unsafe {
+        let v = round_x16(_mm512_loadu_ps(src.as_ptr()), Some(dtype));
+        _mm512_mask_storeu_ps(dst, lanes16(n), v);
     }
 }
 
@@ -92,41 +170,22 @@ impl<E: Widen16> BlockKernel for Fma512<E> {
         lo.to_bits()
     }
 
-    unsafe fn block(
-        &self,
-        steps: usize,
-        a: *const u32,
-        b: *const E,
-        c: *mut f32,
-        ldc: usize,
-        rows: usize,
-        cols: usize,
-        accumulate: bool,
-    ) {
+    unsafe fn block(&self, steps: usize, a: *const u32, b: *const E, out: &BlockOut) {
         // SAFETY: the caller upholds the contract of `BlockKernel::block`, which is this
         // function's, and checked that the CPU has AVX-512F.
-        unsafe { fma512_block(steps, a.cast(), b, c, ldc, rows, cols, accumulate) }
+        unsafe { fma512_block(steps, a.cast(), b, out) }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn fma512_block<E: Widen16>(
-    steps: usize,
-    a: *const f32,
-    b: *const E,
-    c: *mut f32,
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-    accumulate: bool,
-) {
+unsafe fn fma512_block<E: Widen16>(steps: usize, a: *const f32, b: *const E, out: &BlockOut) {
+    let (c, ldc, rows, cols) = (out.c, out.ldc, out.rows, out.cols);
     let m0 = lanes16(cols);
     let m1 = lanes16(cols.saturating_sub(16));
     let mut acc = [[_mm512_setzero_ps(); 2]; MR512];
     // Every loop over the rows runs to MR512 (a constant), so the accumulators stay in
     // registers; rows past `rows` are skipped by a test, not by a shorter loop.
-    if accumulate {
+    if out.accumulate {
         for (r, acc_r) in acc.iter_mut().enumerate() {
             if r < rows {
                 // SAFETY: row r < rows holds `cols` valid values; masked-off lanes are
@@ -158,8 +217,8 @@ unsafe fn fma512_block<E: Widen16>(
             // written.
             unsafe {
                 let row = c.add(r * ldc);
-                _mm512_mask_storeu_ps(row, m0, acc_r[0]);
-                _mm512_mask_storeu_ps(row.add(16), m1, acc_r[1]);
+                _mm512_mask_storeu_ps(row, m0, round_x16(acc_r[0], out.round));
+                _mm512_mask_storeu_ps(row.add(16), m1, round_x16(acc_r[1], out.round));
             }
         }
     }
@@ -223,38 +282,24 @@ impl<E: Widen8> BlockKernel for Fma256<E> {
         lo.to_bits()
     }
 
-    unsafe fn block(
-        &self,
-        steps: usize,
-        a: *const u32,
-        b: *const E,
-        c: *mut f32,
-        ldc: usize,
-        rows: usize,
-        cols: usize,
-        accumulate: bool,
-    ) {
+    unsafe fn block(&self, steps: usize, a: *const u32, b: *const E, out: &BlockOut) {
         // The panel in two halves of 16 columns; the second re-reads the block's inputs
         // from L1.
         for half in 0..2 {
             let first = half * 16;
-            if first >= cols {
+            if first >= out.cols {
                 break;
             }
             // SAFETY: the caller upholds the contract of `BlockKernel::block`; the half
             // starts inside the block's columns (first < cols) and keeps within them, and
             // its weights are the same rows of the panel at an offset of `first`.
             unsafe {
-                fma256_half(
-                    steps,
-                    a.cast(),
-                    b.add(first),
-                    c.add(first),
-                    ldc,
-                    rows,
-                    cols - first,
-                    accumulate,
-                )
+                let half_out = BlockOut {
+                    c: out.c.add(first),
+                    cols: out.cols - first,
+                    ..*out
+                };
+                fma256_half(steps, a.cast(), b.add(first), &half_out)
             }
         }
     }
@@ -292,22 +337,13 @@ fn lanes8x2(n: usize) -> [__m256i; 2] {
 }
 
 /// 6 rows by 16 columns (`cols` of them valid, at most 16 used) of a panel.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn fma256_half<E: Widen8>(
-    steps: usize,
-    a: *const f32,
-    b: *const E,
-    c: *mut f32,
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-    accumulate: bool,
-) {
+unsafe fn fma256_half<E: Widen8>(steps: usize, a: *const f32, b: *const E, out: &BlockOut) {
+    let (c, ldc, rows, cols) = (out.c, out.ldc, out.rows, out.cols);
     let full = cols >= 16;
     let [m0, m1] = lanes8x2(cols);
     let mut acc = [[_mm256_setzero_ps(); 2]; MR256];
-    if accumulate {
+    if out.accumulate {
         for (r, acc_r) in acc.iter_mut().enumerate() {
             if r < rows {
                 // SAFETY: row r < rows holds `cols` valid values; masked-off lanes of a
@@ -345,12 +381,13 @@ unsafe fn fma256_half<E: Widen8>(
             // lanes are not written.
             unsafe {
                 let row = c.add(r * ldc);
+                let (v0, v1) = (round_x8(acc_r[0], out.round), round_x8(acc_r[1], out.round));
                 if full {
-                    _mm256_storeu_ps(row, acc_r[0]);
-                    _mm256_storeu_ps(row.add(8), acc_r[1]);
+                    _mm256_storeu_ps(row, v0);
+                    _mm256_storeu_ps(row.add(8), v1);
                 } else {
-                    _mm256_maskstore_ps(row, m0, acc_r[0]);
-                    _mm256_maskstore_ps(row.add(8), m1, acc_r[1]);
+                    _mm256_maskstore_ps(row, m0, v0);
+                    _mm256_maskstore_ps(row.add(8), m1, v1);
                 }
             }
         }
@@ -372,39 +409,20 @@ impl BlockKernel for Dp512Bf16 {
         (lo.to_bits() >> 16) | (hi.to_bits() & 0xFFFF_0000)
     }
 
-    unsafe fn block(
-        &self,
-        steps: usize,
-        a: *const u32,
-        b: *const u16,
-        c: *mut f32,
-        ldc: usize,
-        rows: usize,
-        cols: usize,
-        accumulate: bool,
-    ) {
+    unsafe fn block(&self, steps: usize, a: *const u32, b: *const u16, out: &BlockOut) {
         // SAFETY: the caller upholds the contract of `BlockKernel::block`, which is this
         // function's, and checked that the CPU has AVX-512F and AVX512_BF16.
-        unsafe { dp512_block(steps, a, b, c, ldc, rows, cols, accumulate) }
+        unsafe { dp512_block(steps, a, b, out) }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn dp512_block(
-    steps: usize,
-    a: *const u32,
-    b: *const u16,
-    c: *mut f32,
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-    accumulate: bool,
-) {
+unsafe fn dp512_block(steps: usize, a: *const u32, b: *const u16, out: &BlockOut) {
+    let (c, ldc, rows, cols) = (out.c, out.ldc, out.rows, out.cols);
     let m0 = lanes16(cols);
     let m1 = lanes16(cols.saturating_sub(16));
     let mut acc = [[_mm512_setzero_ps(); 2]; MR512];
-    if accumulate {
+    if out.accumulate {
         for (r, acc_r) in acc.iter_mut().enumerate() {
             if r < rows {
                 // SAFETY: as in `fma512_block`.
@@ -437,8 +455,8 @@ unsafe fn dp512_block(
             // SAFETY: as in `fma512_block`.
             unsafe {
                 let row = c.add(r * ldc);
-                _mm512_mask_storeu_ps(row, m0, acc_r[0]);
-                _mm512_mask_storeu_ps(row.add(16), m1, acc_r[1]);
+                _mm512_mask_storeu_ps(row, m0, round_x16(acc_r[0], out.round));
+                _mm512_mask_storeu_ps(row.add(16), m1, round_x16(acc_r[1], out.round));
             }
         }
     }
@@ -462,5 +480,23 @@ pub(super) unsafe fn vdpbf16ps_lanes(acc: [f32; 16], a: [u32; 16], b: [u32; 16])
         );
         _mm512_storeu_ps(out.as_mut_ptr(), r);
     }
+    out
+}
+
+/// [`round_x8`] on an array, for the tests.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[cfg(test)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn round_x8_lanes(v: [f32; 8], dtype: Dtype) -> [f32; 8] {
+    let mut out = [0f32; 8];
+    // SAFETY: both pointers are local arrays of 8 values.
+    unsafe {
+        _mm256_storeu_ps(
+            out.as_mut_ptr(),
+            round_x8(_mm256_loadu_ps(v.as_ptr()), Some(dtype)),
+        )
+    };
     out
 }
