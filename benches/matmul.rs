@@ -7,7 +7,8 @@
 //!   dim-1024, FFN-4096, batch 32 x seq 64 forward: `2048x1024x1024,2048x4096x1024,
 //!   2048x1024x4096,32x8192x1024`).
 //!
-//! Each measurement is one JSON line.
+//! Each measurement is one JSON line: wall-clock GFLOP/s, and GFLOP per CPU-second of all
+//! threads (per core, and steadier than the wall clock on a shared machine).
 
 use llama_pow::backend::cpu::matmul::{linear, Features, Kernel, PackedWeight};
 use llama_pow::pow::dtype::{Dtype, RoundBf16, RoundF16, RoundF32};
@@ -26,16 +27,34 @@ fn values(n: usize, scale: f32, dtype: Dtype, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Run `f` repeatedly for about `budget`; seconds per call.
-fn time(budget: Duration, mut f: impl FnMut()) -> f64 {
+/// CPU time this process has used (all threads), in seconds.
+fn cpu_seconds() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one rusage into the pointer, which is valid and sized for it;
+    // a zeroed rusage is a valid value of the type whatever the call does.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Run `f` repeatedly for about `budget`; (wall seconds, CPU seconds) per call.
+fn time(budget: Duration, mut f: impl FnMut()) -> (f64, f64) {
     f();
     let start = Instant::now();
+    let cpu = cpu_seconds();
     let mut calls = 0u32;
     while calls == 0 || start.elapsed() < budget {
         f();
         calls += 1;
     }
-    start.elapsed().as_secs_f64() / f64::from(calls)
+    let n = f64::from(calls);
+    (
+        start.elapsed().as_secs_f64() / n,
+        (cpu_seconds() - cpu) / n,
+    )
 }
 
 fn main() {
@@ -61,7 +80,7 @@ fn main() {
             let x = values(m * k, 2.0, dtype, 1);
             let w = values(n * k, 0.05, dtype, 2);
             let mut dst = vec![0f32; m * n];
-            let report = |path: &str, secs: f64| {
+            let report = |path: &str, (secs, cpu): (f64, f64)| {
                 println!(
                     "{}",
                     serde_json::json!({
@@ -72,6 +91,7 @@ fn main() {
                         "threads": threads,
                         "ms": 1e3 * secs,
                         "gflop_per_s": flop / secs / 1e9,
+                        "gflop_per_cpu_s": flop / cpu / 1e9,
                     })
                 );
             };

@@ -5,9 +5,9 @@
 //!
 //! Loop nest of one task (a range of rows by a range of panels), the classic one for
 //! register-blocked products: for each stretch of `KC_STEPS` steps of `k`, the task's rows are
-//! packed once (`MR`-row micro-panels, step-major, so that a kernel reads them sequentially;
-//! about 300 KB, held in L2), then for each panel (its 32 KB stretch stays in L1 while it is
-//! used) every micro-panel is multiplied. An output is accumulated across the stretches in
+//! packed once (`MR`-row micro-panels, step-major, so that a kernel reads them sequentially),
+//! then for each panel (its stretch is streamed from L2 by every block) every micro-panel is
+//! multiplied. An output is accumulated across the stretches in
 //! `dst` itself (stored and reloaded as f32, which changes nothing), and rounded to the model
 //! dtype by the kernel as it stores the last stretch.
 
@@ -16,7 +16,7 @@ use crate::pow::dtype::{Dtype, Rounding};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// Most rows one task packs (with 512 f32 inputs per stretch: 512 KiB, half a typical L2).
+/// Most rows per task (more tasks than threads matter more than the size of the block).
 const MC_MAX: usize = 256;
 /// Tasks per thread aimed at, so that uneven tasks and a busy core even out.
 const TASKS_PER_THREAD: usize = 4;
@@ -29,7 +29,7 @@ pub(super) trait BlockKernel: Sync {
     const MR: usize;
     /// Inputs per step: 1 (an FMA per output per input) or 2 (a bf16 pair per lane).
     const K_STEP: usize;
-    /// Steps per stretch of `k` (sized so a panel's stretch is 32 KB).
+    /// Steps per stretch of `k`.
     const KC_STEPS: usize;
 
     /// One step of one row of the packed left-hand side, from its inputs `lo` (input
