@@ -254,8 +254,9 @@ fn paths(dtype: Dtype) -> Vec<Kernel> {
     out
 }
 
-/// Odd shapes: (m, n, k, gap between input rows).
-const SHAPES: [(usize, usize, usize, usize); 12] = [
+/// Odd shapes: (m, n, k, gap between input rows). The last ones run past every kernel's
+/// stretch of k (at most 2048 steps), so accumulation across stretches is covered.
+const SHAPES: [(usize, usize, usize, usize); 13] = [
     (1, 1, 1, 0),
     (1, 1, 1, 3),
     (1, 40, 1, 0),
@@ -268,6 +269,7 @@ const SHAPES: [(usize, usize, usize, usize); 12] = [
     (40, 97, 61, 7),
     (2, 9, 600, 100),
     (61, 64, 1030, 2),
+    (5, 40, 4301, 3),
 ];
 
 fn bits(v: &[f32]) -> Vec<u32> {
