@@ -51,10 +51,7 @@ fn time(budget: Duration, mut f: impl FnMut()) -> (f64, f64) {
         calls += 1;
     }
     let n = f64::from(calls);
-    (
-        start.elapsed().as_secs_f64() / n,
-        (cpu_seconds() - cpu) / n,
-    )
+    (start.elapsed().as_secs_f64() / n, (cpu_seconds() - cpu) / n)
 }
 
 fn main() {

@@ -66,6 +66,22 @@ pub(super) fn attention_by_keys<R: Rounding>(
         );
 }
 
+/// The largest value of `xs` (NEG_INFINITY when empty), in 16 independent lanes.
+#[inline(always)]
+fn max_in_lanes(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in chunks.by_ref() {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    for (l, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+        *l = l.max(v);
+    }
+    lanes.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l))
+}
+
 wide_fn! {
     /// [`row`], compiled for the widest vectors.
     fn row_wide<R: Rounding>(
@@ -100,24 +116,38 @@ fn row<R: Rounding>(
     let b = r / qr;
     let i = seq - qr + r % qr;
     let kv_base = b * seq;
-    let scores = &mut scores[..=i];
+    // Keys 0..=i, in whole blocks of KEY_PAD (the transposed keys are padded so).
+    let blocks = (i + 1).div_ceil(KEY_PAD);
+    let (all, _) = scores.split_at_mut(blocks * KEY_PAD);
     for h in 0..sh.n_heads {
         let g = h / rep;
         let qh = &qrow[h * hd..(h + 1) * hd];
         let keys = &kt[(b * sh.n_kv_heads + g) * hd * seq_pad..][..hd * seq_pad];
-        // sum_t q[t] * k_j[t] for every j <= i at once, t in order from -0.0.
-        scores.fill(-0.0);
-        for (t, &qt) in qh.iter().enumerate() {
-            for (s, &kv) in scores.iter_mut().zip(&keys[t * seq_pad..]) {
-                *s += qt * kv;
+        // sum_t q[t] * k_j[t] for every j <= i at once, t in order from -0.0, up to four
+        // blocks of keys at a time in registers (keys past i are computed and ignored).
+        let mut first = 0;
+        while first < blocks {
+            let group = (blocks - first).min(4);
+            let out = &mut all[first * KEY_PAD..(first + group) * KEY_PAD];
+            let keys = &keys[first * KEY_PAD..];
+            match group {
+                1 => key_dots::<1>(qh, keys, seq_pad, out),
+                2 => key_dots::<2>(qh, keys, seq_pad, out),
+                3 => key_dots::<3>(qh, keys, seq_pad, out),
+                _ => key_dots::<4>(qh, keys, seq_pad, out),
             }
+            first += group;
         }
-        let mut max = f32::NEG_INFINITY;
+        let scores = &mut all[..=i];
+        // The readable loop rounds, scales and takes the maximum in one pass; here the
+        // elementwise part is a loop of its own (it vectorises) and the maximum is taken in
+        // lanes (the maximum of the same values, whatever the order; a zero's sign cannot
+        // matter, as only `s - max` is used).
         for s in scores.iter_mut() {
             let raw = R::round(*s);
             *s = R::round(raw / scale);
-            max = max.max(*s);
         }
+        let max = max_in_lanes(scores);
         let mut sum = 0f32;
         for s in scores.iter_mut() {
             *s = (*s - max).exp();
@@ -127,18 +157,76 @@ fn row<R: Rounding>(
         for s in scores.iter_mut() {
             *s = R::round(*s * inv);
         }
+        // o[t] = sum_j p_j v_j[t], j in order from +0.0, up to 64 components at a time in
+        // four vector accumulators.
         let oh = &mut orow[h * hd..(h + 1) * hd];
-        oh.fill(0.0);
-        let kv_off = g * hd;
-        for (j, &p) in scores.iter().enumerate() {
-            let vrow = &v[(kv_base + j) * kv_width + kv_off..][..hd];
-            for (o, &vv) in oh.iter_mut().zip(vrow) {
-                *o += p * vv;
+        let vs = &v[kv_base * kv_width + g * hd..];
+        let whole = hd / 16;
+        let mut c0 = 0;
+        while c0 < whole {
+            let group = (whole - c0).min(4);
+            let out = &mut oh[c0 * 16..(c0 + group) * 16];
+            let vs = &vs[c0 * 16..];
+            match group {
+                1 => value_sums::<R, 1>(scores, vs, kv_width, out),
+                2 => value_sums::<R, 2>(scores, vs, kv_width, out),
+                3 => value_sums::<R, 3>(scores, vs, kv_width, out),
+                _ => value_sums::<R, 4>(scores, vs, kv_width, out),
+            }
+            c0 += group;
+        }
+        let t0 = whole * 16;
+        let rest = &mut oh[t0..];
+        if !rest.is_empty() {
+            rest.fill(0.0);
+            for (j, &p) in scores.iter().enumerate() {
+                let vrow = &vs[j * kv_width + t0..][..rest.len()];
+                for (o, &vv) in rest.iter_mut().zip(vrow) {
+                    *o += p * vv;
+                }
+            }
+            for o in rest.iter_mut() {
+                *o = R::round(*o);
             }
         }
-        for o in oh.iter_mut() {
-            *o = R::round(*o);
+    }
+}
+
+/// `out[c * 16 + l] = round_T(sum_j p[j] * v[j * stride + c * 16 + l])` for chunks `c < NC`,
+/// each sum from +0.0 in increasing `j`, in `NC` vector accumulators.
+#[inline(always)]
+fn value_sums<R: Rounding, const NC: usize>(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    let mut acc = [[0f32; 16]; NC];
+    for (j, &pj) in p.iter().enumerate() {
+        let row = &v[j * stride..][..NC * 16];
+        for (a, vs) in acc.iter_mut().zip(row.chunks_exact(16)) {
+            for (x, &vv) in a.iter_mut().zip(vs) {
+                *x += pj * vv;
+            }
         }
+    }
+    for (o, a) in out.chunks_exact_mut(16).zip(&acc) {
+        for (o, &x) in o.iter_mut().zip(a) {
+            *o = R::round(x);
+        }
+    }
+}
+
+/// `out[b * 16 + l] = sum_t q[t] * keys[t * stride + b * 16 + l]` for blocks `b < NB`, each
+/// sum from -0.0 in increasing `t`, in `NB` vector accumulators.
+#[inline(always)]
+fn key_dots<const NB: usize>(q: &[f32], keys: &[f32], stride: usize, out: &mut [f32]) {
+    let mut acc = [[-0.0f32; KEY_PAD]; NB];
+    for (t, &qt) in q.iter().enumerate() {
+        let row = &keys[t * stride..][..NB * KEY_PAD];
+        for (a, ks) in acc.iter_mut().zip(row.chunks_exact(KEY_PAD)) {
+            for (x, &kv) in a.iter_mut().zip(ks) {
+                *x += qt * kv;
+            }
+        }
+    }
+    for (o, a) in out.chunks_exact_mut(KEY_PAD).zip(&acc) {
+        o.copy_from_slice(a);
     }
 }
 
