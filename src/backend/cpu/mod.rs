@@ -341,7 +341,7 @@ pub(crate) fn silu_mul_vectorised<R: Rounding>(a: &mut [f32], b: &[f32]) {
 
 wide_fn! {
     /// [`silu_mul_vectorised`] on one chunk.
-    fn silu_mul_vectorised_chunk<R: Rounding>(a: &mut [f32], b: &[f32]) {
+    pub(crate) fn silu_mul_vectorised_chunk<R: Rounding>(a: &mut [f32], b: &[f32]) {
         for (x, &y) in a.iter_mut().zip(b) {
             let s = R::round(*x / (1.0 + math::exp_f32(-*x)));
             *x = R::round(s * y);
@@ -448,6 +448,7 @@ pub struct ForwardScratch {
     att: Vec<f32>,
     tmp: Vec<f32>,
     h1: Vec<f32>,
+    /// `w3 x`, when the path computes the FFN's two products apart.
     h3: Vec<f32>,
     /// The keys transposed for [`attention::attention_by_keys`].
     kt: Vec<f32>,
@@ -483,7 +484,7 @@ impl ForwardScratch {
         grow(&mut self.att, m * d.n_heads * d.hd);
         grow(&mut self.tmp, m * d.dim);
         grow(&mut self.h1, m * d.hidden);
-        grow(&mut self.h3, m * d.hidden);
+        // h3 is grown only when the products cannot be fused (see `ffn_block`).
         grow(
             &mut self.kt,
             attention::transposed_len(m / d.seq, &d.attn_shape(d.seq)),
@@ -530,10 +531,16 @@ fn ffn_block<R: Rounding>(
     let xn = &mut s.xn[..rows * dim];
     rmsnorm::<R>(x, &lw.ffn_norm, xn, dim, d.eps);
     let h1 = &mut s.h1[..rows * hidden];
-    let h3 = &mut s.h3[..rows * hidden];
-    linear::<R>(kernel, h1, xn, rows, dim, &lw.w1);
-    linear::<R>(kernel, h3, xn, rows, dim, &lw.w3);
-    silu_mul_vectorised::<R>(h1, h3);
+    if !matmul::linear_silu_mul::<R>(kernel, h1, xn, rows, dim, &lw.w1, &lw.w3) {
+        // The path cannot fuse them: the same values in three passes.
+        if s.h3.len() < rows * hidden {
+            s.h3.resize(rows * hidden, 0.0);
+        }
+        let h3 = &mut s.h3[..rows * hidden];
+        linear::<R>(kernel, h1, xn, rows, dim, &lw.w1);
+        linear::<R>(kernel, h3, xn, rows, dim, &lw.w3);
+        silu_mul_vectorised::<R>(h1, h3);
+    }
     let out = &mut s.tmp[..rows * dim];
     linear::<R>(kernel, out, h1, rows, hidden, &lw.w2);
     add_round::<R>(x, out);

@@ -145,6 +145,45 @@ pub(super) fn run<K: BlockKernel, R: Rounding>(
     dst: &mut [f32],
     op: Operands<'_, K::B>,
 ) {
+    run_tasks::<K, R>(kernel, dst, op, None);
+}
+
+/// Rows of a block held on the stack by [`run_gated`].
+const GATED_MR_MAX: usize = 16;
+
+/// One product's block in [`run_gated`] (its rows at a stride of 32).
+type GatedBlock = [f32; GATED_MR_MAX * PANEL];
+
+/// Whether [`run_gated`] can compute a product of depth `k` with `K`: the whole of `k` must
+/// fit in one stretch, so that each block is final when the kernel stores it.
+pub(super) fn gated_fits<K: BlockKernel>(k: usize) -> bool {
+    k.div_ceil(K::K_STEP) <= K::KC_STEPS && K::MR <= GATED_MR_MAX
+}
+
+/// The FFN's gated product in one pass: `dst = round_T(round_T(silu(g)) * u)` with
+/// `g = round_T(x . gate^T)` and `u = round_T(x . up^T)`, block by block, exactly what
+/// two products and [`crate::backend::cpu::silu_mul_vectorised`] give, without writing
+/// `g` and `u` to memory. Both weights have the same shape and layout; [`gated_fits`] holds.
+pub(super) fn run_gated<K: BlockKernel, R: Rounding>(
+    kernel: &K,
+    dst: &mut [f32],
+    gate: Operands<'_, K::B>,
+    up: &[K::B],
+) {
+    assert!(
+        gated_fits::<K>(gate.k),
+        "the gated product needs k within one stretch"
+    );
+    debug_assert!(up.len() == gate.w.len());
+    run_tasks::<K, R>(kernel, dst, gate, Some(up));
+}
+
+fn run_tasks<K: BlockKernel, R: Rounding>(
+    kernel: &K,
+    dst: &mut [f32],
+    op: Operands<'_, K::B>,
+    up: Option<&[K::B]>,
+) {
     let Operands {
         x,
         m,
@@ -169,6 +208,9 @@ pub(super) fn run<K: BlockKernel, R: Rounding>(
         let rows = rb * plan.rows_per_task..m.min((rb + 1) * plan.rows_per_task);
         let panel_range = g * plan.panels_per_task..panels.min((g + 1) * plan.panels_per_task);
         let micro = rows.len().div_ceil(K::MR);
+        // The gated product's two blocks, reused by every block of the task.
+        let (mut gate_block, mut up_block) =
+            ([0f32; GATED_MR_MAX * PANEL], [0f32; GATED_MR_MAX * PANEL]);
         PACKED_A.with(|cell| {
             let mut packed = cell.borrow_mut();
             let need = micro * K::KC_STEPS.min(steps_total) * K::MR;
@@ -186,6 +228,7 @@ pub(super) fn run<K: BlockKernel, R: Rounding>(
                     for mp in 0..micro {
                         let row0 = rows.start + mp * K::MR;
                         let here = K::MR.min(rows.end - row0);
+                        let a = &packed[mp * steps * K::MR..];
                         // SAFETY: this task alone writes rows `rows` x columns of panels
                         // `panel_range` of dst (disjoint from every other task), and the
                         // block `row0..row0 + here` x `p * 32..p * 32 + cols` lies inside:
@@ -193,21 +236,41 @@ pub(super) fn run<K: BlockKernel, R: Rounding>(
                         // The packed A holds `steps * MR` words per micro-panel, the panel
                         // stretch `steps * 32 * K_STEP` values (panel_len covers every step).
                         // `linear` checked that the CPU has the kernel's instructions.
-                        unsafe {
-                            let out = BlockOut {
-                                c: out.at(row0 * n + p * PANEL),
-                                ldc: n,
-                                rows: here,
-                                cols,
-                                accumulate: s0 > 0,
-                                round: round.filter(|_| last),
-                            };
-                            kernel.block(
-                                steps,
-                                packed.as_ptr().add(mp * steps * K::MR),
-                                b.as_ptr(),
-                                &out,
-                            );
+                        let c = unsafe { out.at(row0 * n + p * PANEL) };
+                        match up {
+                            None => {
+                                let block = BlockOut {
+                                    c,
+                                    ldc: n,
+                                    rows: here,
+                                    cols,
+                                    accumulate: s0 > 0,
+                                    round: round.filter(|_| last),
+                                };
+                                // SAFETY: as above.
+                                unsafe { kernel.block(steps, a.as_ptr(), b.as_ptr(), &block) };
+                            }
+                            Some(up) => {
+                                let u = &up[p * panel_len..];
+                                // SAFETY: as above; `gated_fits` made this stretch the
+                                // whole of k (s0 = 0, last), and the two stack blocks hold
+                                // GATED_MR_MAX >= MR rows of 32.
+                                unsafe {
+                                    gated_block::<K, R>(
+                                        kernel,
+                                        steps,
+                                        a,
+                                        b,
+                                        u,
+                                        c,
+                                        n,
+                                        here,
+                                        cols,
+                                        round,
+                                        (&mut gate_block, &mut up_block),
+                                    )
+                                };
+                            }
                         }
                     }
                 }
@@ -215,6 +278,48 @@ pub(super) fn run<K: BlockKernel, R: Rounding>(
             }
         });
     });
+}
+
+/// One block of the gated product: the two products into stack blocks (rounded), combined,
+/// the valid part written to `c`.
+///
+/// # Safety
+/// As [`BlockKernel::block`] for `c` (rows `here`, columns `cols`, row stride `ldc`), with
+/// `steps` the whole of k and `K::MR <= GATED_MR_MAX`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gated_block<K: BlockKernel, R: Rounding>(
+    kernel: &K,
+    steps: usize,
+    a: &[u32],
+    gate: &[K::B],
+    up: &[K::B],
+    c: *mut f32,
+    ldc: usize,
+    here: usize,
+    cols: usize,
+    round: Option<Dtype>,
+    bufs: (&mut GatedBlock, &mut GatedBlock),
+) {
+    let (g, u) = bufs;
+    for (w, buf) in [(gate, &mut *g), (up, &mut *u)] {
+        let block = BlockOut {
+            c: buf.as_mut_ptr(),
+            ldc: PANEL,
+            rows: K::MR,
+            cols: PANEL,
+            accumulate: false,
+            round,
+        };
+        // SAFETY: the stack block holds GATED_MR_MAX >= MR rows of PANEL values and is
+        // unaliased; the caller guarantees the rest of the kernel's contract.
+        unsafe { kernel.block(steps, a.as_ptr(), w.as_ptr(), &block) };
+    }
+    crate::backend::cpu::silu_mul_vectorised_chunk::<R>(&mut g[..here * PANEL], &u[..here * PANEL]);
+    for (r, row) in g.chunks_exact(PANEL).take(here).enumerate() {
+        // SAFETY: the caller guarantees `cols` writable, unaliased values at c + r * ldc.
+        let d = unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), cols) };
+        d.copy_from_slice(&row[..cols]);
+    }
 }
 
 /// Pack steps `s0..s0 + steps` of `rows` into `MR`-row micro-panels, step-major; rows past

@@ -226,6 +226,147 @@ fn as_bits<T>(d: &[u16]) -> &[T] {
     unsafe { std::slice::from_raw_parts(d.as_ptr().cast::<T>(), d.len()) }
 }
 
+/// The checks every product makes before it runs unsafe code; `m` and `n` are not zero.
+fn check<R: Rounding>(
+    kernel: Kernel,
+    dst: &[f32],
+    x: &[f32],
+    m: usize,
+    x_row_stride: usize,
+    w: &PackedWeight,
+) {
+    let (n, k) = (w.n(), w.k());
+    assert!(dst.len() >= m * n, "linear: destination too short");
+    assert!(
+        x_row_stride >= k && x.len() >= (m - 1) * x_row_stride + k,
+        "linear: input too short"
+    );
+    assert_eq!(w.dtype(), R::DTYPE, "linear: weight dtype");
+    assert_eq!(w.layout(), kernel.layout(), "linear: weight layout");
+    assert!(
+        kernel.runs(w.dtype(), &Features::host()),
+        "linear: this CPU cannot run the {kernel} path for {}",
+        w.dtype()
+    );
+}
+
+/// The FFN's `round_T(round_T(silu(round_T(x . gate^T))) * round_T(x . up^T))` in one pass,
+/// block by block (no intermediate product reaches memory), when the path can: a
+/// register-blocked kernel, and `k` within one of its stretches. Returns `false`, having
+/// done nothing, otherwise; the caller then runs two [`linear`] and
+/// [`crate::backend::cpu::silu_mul_vectorised`], which give the same bits.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_silu_mul<R: Rounding>(
+    kernel: Kernel,
+    dst: &mut [f32],
+    x: &[f32],
+    m: usize,
+    x_row_stride: usize,
+    gate: &PackedWeight,
+    up: &PackedWeight,
+) -> bool {
+    let (n, k) = (gate.n(), gate.k());
+    assert!(
+        (up.n(), up.k(), up.dtype(), up.layout()) == (n, k, gate.dtype(), gate.layout()),
+        "linear_silu_mul: the two weights differ in shape, dtype or layout"
+    );
+    if m == 0 || n == 0 || k == 0 {
+        return false;
+    }
+    check::<R>(kernel, dst, x, m, x_row_stride, gate);
+    let dst = &mut dst[..m * n];
+    let panel_len = gate.panel_len();
+    macro_rules! gated {
+        ($kernel:ty, $ctor:expr, $g:expr, $u:expr) => {{
+            if !blocked::gated_fits::<$kernel>(k) {
+                return false;
+            }
+            let op = blocked::Operands {
+                x,
+                m,
+                x_row_stride,
+                k,
+                w: $g,
+                panel_len,
+                n,
+            };
+            blocked::run_gated::<$kernel, R>(&$ctor, dst, op, $u);
+            true
+        }};
+    }
+    match (kernel, gate.storage(), up.storage(), gate.dtype()) {
+        (Kernel::Scalar, Storage::F32(g), Storage::F32(u), _) => {
+            gated!(ScalarFma<f32>, ScalarFma::<f32>::new(), g, u)
+        }
+        (Kernel::Scalar, Storage::Bits16(g), Storage::Bits16(u), Dtype::F16) => {
+            gated!(
+                ScalarFma<F16Bits>,
+                ScalarFma::<F16Bits>::new(),
+                as_bits(g),
+                as_bits(u)
+            )
+        }
+        (Kernel::Scalar, Storage::Bits16(g), Storage::Bits16(u), _) => {
+            gated!(
+                ScalarFma<Bf16Bits>,
+                ScalarFma::<Bf16Bits>::new(),
+                as_bits(g),
+                as_bits(u)
+            )
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx2, Storage::F32(g), Storage::F32(u), _) => {
+            gated!(x86::Fma256<f32>, x86::Fma256::<f32>::new(), g, u)
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx2, Storage::Bits16(g), Storage::Bits16(u), Dtype::F16) => {
+            gated!(
+                x86::Fma256<F16Bits>,
+                x86::Fma256::<F16Bits>::new(),
+                as_bits(g),
+                as_bits(u)
+            )
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx2, Storage::Bits16(g), Storage::Bits16(u), _) => {
+            gated!(
+                x86::Fma256<Bf16Bits>,
+                x86::Fma256::<Bf16Bits>::new(),
+                as_bits(g),
+                as_bits(u)
+            )
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx512, Storage::F32(g), Storage::F32(u), _) => {
+            gated!(x86::Fma512<f32>, x86::Fma512::<f32>::new(), g, u)
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx512, Storage::Bits16(g), Storage::Bits16(u), Dtype::F16) => {
+            gated!(
+                x86::Fma512<F16Bits>,
+                x86::Fma512::<F16Bits>::new(),
+                as_bits(g),
+                as_bits(u)
+            )
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx512, Storage::Bits16(g), Storage::Bits16(u), _) => {
+            gated!(
+                x86::Fma512<Bf16Bits>,
+                x86::Fma512::<Bf16Bits>::new(),
+                as_bits(g),
+                as_bits(u)
+            )
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx512Bf16, Storage::Bits16(g), Storage::Bits16(u), Dtype::Bf16) => {
+            gated!(x86::Dp512Bf16, x86::Dp512Bf16, g, u)
+        }
+        // The AMX driver keeps C in tiles per 32 x 32 block: not fused (yet).
+        _ => false,
+    }
+}
+
 /// `dst[i][j] = round_T(sum_l x[i][l] w[j][l])` for `i < m`, `j < n` with the path `kernel`:
 /// row `i` of `x` starts at `i * x_row_stride`, `dst` is row-major `[m, n]`, `w` is the
 /// packed `[n, k]` weight.
@@ -244,18 +385,7 @@ pub fn linear<R: Rounding>(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(dst.len() >= m * n, "linear: destination too short");
-    assert!(
-        x_row_stride >= k && x.len() >= (m - 1) * x_row_stride + k,
-        "linear: input too short"
-    );
-    assert_eq!(w.dtype(), R::DTYPE, "linear: weight dtype");
-    assert_eq!(w.layout(), kernel.layout(), "linear: weight layout");
-    assert!(
-        kernel.runs(w.dtype(), &Features::host()),
-        "linear: this CPU cannot run the {kernel} path for {}",
-        w.dtype()
-    );
+    check::<R>(kernel, dst, x, m, x_row_stride, w);
     let dst = &mut dst[..m * n];
     if k == 0 {
         dst.fill(0.0);

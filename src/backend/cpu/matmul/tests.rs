@@ -679,3 +679,79 @@ fn vector_roundings_equal_dtype_round() {
         }
     }
 }
+
+/// The fused FFN product against its three steps, bit for bit, on every path that fuses
+/// (and `false`, untouched, where it cannot).
+#[test]
+fn the_gated_product_equals_two_products_and_silu_mul() {
+    fn three_steps<R: Rounding>(
+        kernel: Kernel,
+        c: &Case,
+        gate: &PackedWeight,
+        up: &PackedWeight,
+    ) -> Vec<f32> {
+        let mut g = vec![0f32; c.m * c.n];
+        let mut u = vec![0f32; c.m * c.n];
+        linear::<R>(kernel, &mut g, &c.x, c.m, c.stride, gate);
+        linear::<R>(kernel, &mut u, &c.x, c.m, c.stride, up);
+        crate::backend::cpu::silu_mul_vectorised::<R>(&mut g, &u);
+        g
+    }
+    fn fused<R: Rounding>(
+        kernel: Kernel,
+        c: &Case,
+        gate: &PackedWeight,
+        up: &PackedWeight,
+    ) -> Option<Vec<f32>> {
+        let mut d = vec![-7.25f32; c.m * c.n + 2];
+        if !linear_silu_mul::<R>(kernel, &mut d, &c.x, c.m, c.stride, gate, up) {
+            assert!(
+                d.iter().all(|&v| v == -7.25),
+                "{kernel}: refused, but wrote"
+            );
+            return None;
+        }
+        assert_eq!(&d[c.m * c.n..], &[-7.25, -7.25]);
+        d.truncate(c.m * c.n);
+        Some(d)
+    }
+    for dtype in Dtype::ALL {
+        for kernel in paths(dtype) {
+            let mut fused_any = false;
+            for (ci, &(m, n, k, gap)) in SHAPES.iter().enumerate() {
+                let c = Case::new(m, n, k, gap, dtype, 600 + ci as u64, false);
+                let up_case = Case::new(m, n, k, gap, dtype, 700 + ci as u64, false);
+                let layout = kernel.layout();
+                let gate = PackedWeight::pack(&c.w, n, k, dtype, layout).unwrap();
+                let up = PackedWeight::pack(&up_case.w, n, k, dtype, layout).unwrap();
+                let (got, want) = match dtype {
+                    Dtype::F32 => (
+                        fused::<RoundF32>(kernel, &c, &gate, &up),
+                        three_steps::<RoundF32>(kernel, &c, &gate, &up),
+                    ),
+                    Dtype::F16 => (
+                        fused::<RoundF16>(kernel, &c, &gate, &up),
+                        three_steps::<RoundF16>(kernel, &c, &gate, &up),
+                    ),
+                    Dtype::Bf16 => (
+                        fused::<RoundBf16>(kernel, &c, &gate, &up),
+                        three_steps::<RoundBf16>(kernel, &c, &gate, &up),
+                    ),
+                };
+                if let Some(got) = got {
+                    fused_any = true;
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{kernel} {dtype} {m}x{n}x{k}+{gap}"
+                    );
+                }
+            }
+            let register_blocked = !matches!(kernel, Kernel::Amx | Kernel::AmxModel);
+            assert_eq!(
+                fused_any, register_blocked,
+                "{kernel} {dtype}: fused where expected"
+            );
+        }
+    }
+}
