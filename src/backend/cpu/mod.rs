@@ -23,6 +23,16 @@
 //! The whole pass is generic over the rounding ([`Rounding`]), so that the f32 model pays
 //! nothing for it and the f16 / bf16 roundings are branch-free arithmetic that the
 //! compiler vectorises (they agree with [`Dtype::round`] on every input; see the tests).
+//!
+//! The functions here (`rmsnorm`, `attention`, `silu_mul`, `add_round`, `RopeTable::apply`)
+//! are the readable statements, and the CUDA kernels are checked against them to the bit.
+//! The forward pass uses faster forms where one is worth it, each tested against its
+//! readable one: attention vectorised across keys (`attention.rs`, bit for bit); the
+//! FFN's two products and SiLU-times fused block by block ([`matmul::linear_silu_mul`], bit
+//! for bit with the three passes); SiLU with an exponential that vectorises (`math.rs`, the
+//! last bit of `exp` differs from the C library's in about 1e-4 of inputs). The elementwise
+//! loops run compiled for AVX-512 or AVX2 where the CPU has them (`simd.rs`), which changes
+//! no value.
 
 mod attention;
 mod math;
@@ -701,7 +711,9 @@ pub fn forward_last_logits_with<W: CpuWeights + ?Sized>(
 // Memory estimate
 
 /// Bytes the CPU model needs while it is built: every parameter the forward reads as f32
-/// (all but tok_embeddings) plus the f32 pool they are drawn from.
+/// (all but tok_embeddings) plus the f32 pool they are drawn from. [`CpuModel`] holds f16
+/// and bf16 weights in 2 bytes, so for those dtypes this is an upper bound (the check
+/// takes no dtype).
 pub fn model_bytes(params: &Params) -> u64 {
     let total = weights::total_params(params);
     let embeddings = (params.vocab_size.max(0) as u64).saturating_mul(params.dim.max(0) as u64);

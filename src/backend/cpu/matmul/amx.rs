@@ -122,11 +122,14 @@ pub(super) unsafe trait TileUnit {
 }
 
 /// The tile instructions themselves, in inline assembly. `FP16` selects TDPFP16PS.
+#[cfg(target_arch = "x86_64")]
 pub(super) struct AsmTiles<const FP16: bool>;
 
 /// TDPBF16PS tiles.
+#[cfg(target_arch = "x86_64")]
 pub(super) type AsmBf16 = AsmTiles<false>;
 /// TDPFP16PS tiles.
+#[cfg(target_arch = "x86_64")]
 pub(super) type AsmFp16 = AsmTiles<true>;
 
 // SAFETY: every method executes exactly the instruction it names on the given operands.
@@ -134,6 +137,7 @@ pub(super) type AsmFp16 = AsmTiles<true>;
 // write, through the pointer and stride received). The compiler never allocates tile
 // registers, so nothing else lives in them; the blocks are volatile (the default), so they
 // keep their order.
+#[cfg(target_arch = "x86_64")]
 unsafe impl<const FP16: bool> TileUnit for AsmTiles<FP16> {
     const OP: TileOp = if FP16 { TileOp::Fp16 } else { TileOp::Bf16 };
 

@@ -21,7 +21,7 @@
 //!
 //! - FMA paths (`Scalar`, `Avx2`, `Avx512`, whatever the dtype): each output is
 //!   `acc = fma(x[l], w[l], acc)` for `l = 0, 1, ..., k - 1` in order from `acc = +0`. They
-//!   agree bit for bit with each other ([`blocked::ScalarFma`] is the readable statement).
+//!   agree bit for bit with each other (`ScalarFma` in `blocked.rs` is the readable statement).
 //! - `Avx512Bf16`: per input pair, the odd input first, then the even one, each an FMA,
 //!   with bf16 denormals read as zero and denormal results flushed (Intel's SDM; checked
 //!   against the instruction bit for bit in the tests).
@@ -254,7 +254,7 @@ fn check<R: Rounding>(
 /// block by block (no intermediate product reaches memory), when the path can: a
 /// register-blocked kernel, and `k` within one of its stretches. Returns `false`, having
 /// done nothing, otherwise; the caller then runs two [`linear`] and
-/// [`crate::backend::cpu::silu_mul_vectorised`], which give the same bits.
+/// the SiLU-times pass of the forward, which give the same bits.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_silu_mul<R: Rounding>(
     kernel: Kernel,
@@ -452,9 +452,11 @@ pub fn linear<R: Rounding>(
         }
         #[cfg(target_arch = "x86_64")]
         (Kernel::Avx512Bf16, Storage::Bits16(d), Dtype::Bf16) => blocked!(x86::Dp512Bf16, d),
+        #[cfg(target_arch = "x86_64")]
         (Kernel::Amx, Storage::Bits16(d), Dtype::F16) => {
             amx::run::<amx::AsmFp16, R>(|| amx::AsmTiles, dst, amx_ops!(d))
         }
+        #[cfg(target_arch = "x86_64")]
         (Kernel::Amx, Storage::Bits16(d), Dtype::Bf16) => {
             amx::run::<amx::AsmBf16, R>(|| amx::AsmTiles, dst, amx_ops!(d))
         }
