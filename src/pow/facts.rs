@@ -110,8 +110,9 @@ le_bytes_of!(f32);
 impl HashedPool {
     /// `seeded(block_hash, 4).normal(0, 0.02, pool_size)` rounded f64 -> f32 -> dtype, and
     /// the SHA-256 of its values in the layout of [`HashElem::for_dtype`]. The hash is
-    /// taken while the pool is drawn: each stretch, as soon as it is final, goes to a thread
-    /// that feeds it to the hasher, so hashing 888 M values costs little beyond drawing them.
+    /// taken while the pool is drawn: each stretch, as soon as it is final, is fed to the
+    /// hasher by a task that runs beside the drawing of the next one, so hashing 888 M
+    /// values costs little beyond drawing them.
     fn draw(block_hash: &str, pool_size: u64, dtype: Dtype) -> (HashedPool, String) {
         let entropy = seeds::entropy(&seeds::weights_seed(block_hash), seeds::WEIGHTS_HASHES);
         let n = pool_size as usize;
@@ -158,37 +159,18 @@ impl HashedPool {
 }
 
 /// Fill `out` with the weight pool's normals mapped through `map`, hashing every finished
-/// stretch on a thread of its own, in order; returns the hex SHA-256 of all of `out`.
+/// stretch in order (a task of its own beside the drawing of the next stretch); returns the
+/// hex SHA-256 of all of `out`.
 fn draw_hashing<T: LeBytes>(
     entropy: &[u32],
     out: &mut [T],
     map: impl Fn(f64) -> T + Sync,
 ) -> String {
-    std::thread::scope(|scope| {
-        // A few stretches in flight at most (each about a megabyte of values).
-        let (tx, rx) = std::sync::mpsc::sync_channel::<&[T]>(8);
-        let hasher = scope.spawn(move || {
-            let mut h = Sha256::new();
-            for stretch in rx {
-                h.update(T::le_bytes(stretch));
-            }
-            hex::encode(h.finalize())
-        });
-        rng::fill_normal_parallel_in_order(
-            entropy,
-            0.0,
-            weights::POOL_SCALE,
-            out,
-            map,
-            |stretch| {
-                // The hasher only stops when this sender is dropped, after the last stretch.
-                tx.send(stretch)
-                    .expect("the pool hashing thread ended early");
-            },
-        );
-        drop(tx);
-        hasher.join().expect("the pool hashing thread panicked")
-    })
+    let mut h = Sha256::new();
+    rng::fill_normal_parallel_in_order(entropy, 0.0, weights::POOL_SCALE, out, map, |stretch| {
+        h.update(T::le_bytes(stretch))
+    });
+    hex::encode(h.finalize())
 }
 
 /// One parameter's facts.

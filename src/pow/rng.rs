@@ -453,7 +453,7 @@ impl Default for ParallelPlan {
 /// The first `out.len()` values of `normal(loc, scale)` from a fresh generator seeded with
 /// `entropy`, each mapped through `map` (e.g. f64 -> f32 -> f16), computed on all rayon
 /// threads. Equal to the sequential result bit for bit.
-pub fn fill_normal_parallel<T: Send>(
+pub fn fill_normal_parallel<T: Send + Sync>(
     entropy: &[u32],
     loc: f64,
     scale: f64,
@@ -466,7 +466,7 @@ pub fn fill_normal_parallel<T: Send>(
 
 /// The first `out.len()` values of `standard_normal()` from a fresh generator seeded with
 /// `entropy`, each mapped through `map`, computed on all rayon threads.
-pub fn fill_standard_normal_parallel<T: Send>(
+pub fn fill_standard_normal_parallel<T: Send + Sync>(
     entropy: &[u32],
     out: &mut [T],
     map: impl Fn(f64) -> T + Sync,
@@ -478,7 +478,7 @@ pub fn fill_standard_normal_parallel<T: Send>(
 /// [`fill_normal_parallel`] starting from the stream `rng` (at a sample boundary), with an
 /// explicit plan.
 #[doc(hidden)]
-pub fn fill_normal_parallel_with<T: Send, F: Fn(f64) -> T + Sync>(
+pub fn fill_normal_parallel_with<T: Send + Sync, F: Fn(f64) -> T + Sync>(
     rng: Pcg64,
     loc: f64,
     scale: f64,
@@ -490,15 +490,16 @@ pub fn fill_normal_parallel_with<T: Send, F: Fn(f64) -> T + Sync>(
 }
 
 /// [`fill_normal_parallel`] that hands each stretch of `out` to `done` as soon as it is
-/// final, in order (the stretches tile `out`). Whatever `done` does with a stretch (say,
-/// send it to a thread that hashes it) overlaps with the drawing of the next one.
-pub fn fill_normal_parallel_in_order<'a, T: Send>(
+/// final, in order (the stretches tile `out`). `done` runs on the rayon pool as one more task
+/// beside the drawing of the next stretch, so whatever it does (hash the stretch, say)
+/// shares the threads with the drawing instead of competing with them for the cores.
+pub fn fill_normal_parallel_in_order<'a, T: Send + Sync>(
     entropy: &[u32],
     loc: f64,
     scale: f64,
     out: &'a mut [T],
     map: impl Fn(f64) -> T + Sync,
-    mut done: impl FnMut(&'a [T]),
+    mut done: impl FnMut(&'a [T]) + Send,
 ) {
     let rng = Pcg64::from_entropy(entropy);
     fill_normal_parallel_in_order_with(
@@ -514,14 +515,14 @@ pub fn fill_normal_parallel_in_order<'a, T: Send>(
 
 /// [`fill_normal_parallel_in_order`] from the stream `rng`, with an explicit plan.
 #[doc(hidden)]
-pub fn fill_normal_parallel_in_order_with<'a, T: Send, F: Fn(f64) -> T + Sync>(
+pub fn fill_normal_parallel_in_order_with<'a, T: Send + Sync, F: Fn(f64) -> T + Sync>(
     rng: Pcg64,
     loc: f64,
     scale: f64,
     out: &'a mut [T],
     map: &F,
     plan: ParallelPlan,
-    done: &mut dyn FnMut(&'a [T]),
+    done: &mut (dyn FnMut(&'a [T]) + Send),
 ) {
     fill_mapped_parallel(rng, out, &|z| map(loc + scale * z), plan, done);
 }
@@ -550,22 +551,26 @@ struct Chunk<T> {
 /// that chunk's position, which is a true boundary, and the next round starts there: later
 /// chunks are redone rather than trusted. Rounds aim slightly short of the count still
 /// missing, and the last few samples are drawn sequentially.
-fn fill_mapped_parallel<'a, T: Send, F: Fn(f64) -> T + Sync>(
+fn fill_mapped_parallel<'a, T: Send + Sync, F: Fn(f64) -> T + Sync>(
     mut rng: Pcg64,
     out: &'a mut [T],
     f: &F,
     plan: ParallelPlan,
-    done: &mut dyn FnMut(&'a [T]),
+    done: &mut (dyn FnMut(&'a [T]) + Send),
 ) {
     let chunks_per_round = plan.chunks.max(1);
     let chunk_draws = plan.chunk_draws.max(1);
     let mut chunks: Vec<Chunk<T>> = Vec::new();
     // What is still to be filled; each round's stretch is split off its front, handed to
-    // `done` and never written again.
+    // `done` (as one more task beside the next round's chunks) and never written again.
     let mut rest = out;
+    let mut finished: Option<&'a [T]> = None;
     while !rest.is_empty() {
         let remaining = rest.len();
         if remaining <= plan.sequential_below || chunks_per_round == 1 {
+            if let Some(stretch) = finished.take() {
+                done(stretch);
+            }
             fill_sequential(&mut rng, rest, f);
             done(rest);
             return;
@@ -583,16 +588,29 @@ fn fill_mapped_parallel<'a, T: Send, F: Fn(f64) -> T + Sync>(
             });
         }
         let round = &mut chunks[..n_chunks];
-        round.par_iter_mut().enumerate().for_each(|(c, chunk)| {
-            let start = c as u64 * span;
-            run_chunk(&rng, start, start + span, plan.probe, f, chunk);
-        });
+        let previous = finished.take();
+        rayon::join(
+            || {
+                round.par_iter_mut().enumerate().for_each(|(c, chunk)| {
+                    let start = c as u64 * span;
+                    run_chunk(&rng, start, start + span, plan.probe, f, chunk);
+                })
+            },
+            || {
+                if let Some(stretch) = previous {
+                    done(stretch);
+                }
+            },
+        );
         let (used, skips) = stitch(round, f);
         rng = round[used - 1].rng.clone();
         let written = copy_out(&mut round[..used], &skips, rest);
         let (stretch, tail) = std::mem::take(&mut rest).split_at_mut(written);
-        done(stretch);
+        finished = Some(stretch);
         rest = tail;
+    }
+    if let Some(stretch) = finished {
+        done(stretch);
     }
 }
 

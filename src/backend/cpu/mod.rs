@@ -1592,4 +1592,76 @@ mod tests {
         let prepared = batch::prepare(&job, nonces);
         assert!(d.run_batch(&wrong, &job, prepared, false).is_err());
     }
+
+    /// The whole forward on every product path this machine runs, and on the AMX and
+    /// `vdpbf16ps` drivers through their software models: each against the naive forward by
+    /// the criteria of `optimised_forward_matches_the_naive_reference`, and the FMA paths
+    /// (which add in the same order) bit for bit equal to one another.
+    #[test]
+    fn every_product_path_runs_the_forward() {
+        let host = matmul::Features::host();
+        let cases = [
+            (shape(12, 2, 2, 2, 7, 1, 5, false), 3),
+            (shape(40, 3, 4, 1, 13, 8, 9, true), 2),
+            (shape(96, 2, 6, 2, 20, 32, 16, false), 3),
+        ];
+        for dt in Dtype::ALL {
+            let mut kernels: Vec<Kernel> = Kernel::ALL
+                .into_iter()
+                .filter(|k| k.runs(dt, &host))
+                .collect();
+            if dt != Dtype::F32 {
+                kernels.push(Kernel::AmxModel);
+            }
+            if dt == Dtype::Bf16 {
+                kernels.push(Kernel::Avx512Bf16Model);
+            }
+            let mut mismatched = std::collections::BTreeMap::new();
+            for (ci, (params, batch)) in cases.iter().enumerate() {
+                let w = test_model(params, dt, 2000 + ci as u64);
+                let n_in = batch * params.seq_len_usize() * params.dim_usize();
+                let inputs = Filler::new(88 + ci as u64).vec(n_in, 1.7, dt);
+                let per = params.seq_len_usize() * params.dim_usize();
+                let want: Vec<f32> = (0..*batch)
+                    .flat_map(|b| naive_forward_one(&w, &inputs[b * per..(b + 1) * per]))
+                    .collect();
+                let scale = want.iter().fold(0f32, |a, &v| a.max(v.abs()));
+                let mut fma_logits: Option<Vec<f32>> = None;
+                for &kernel in &kernels {
+                    let model = CpuModel::from_weights(&w, kernel).unwrap();
+                    let got = forward_last_logits(&model, &inputs, *batch);
+                    let diff = got
+                        .iter()
+                        .zip(&want)
+                        .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+                    let ulps = diff / (scale * eps_of(dt));
+                    let differ = got.iter().zip(&want).filter(|(g, w)| g != w).count();
+                    // The naive forward adds products without FMAs, in its own order; in
+                    // f32 (no rounding to a dtype between layers) such differences add up
+                    // over the layers to some ulps of the largest logit, in f16 and bf16
+                    // they mostly vanish in the roundings.
+                    let allowed = if dt == Dtype::F32 { 16.0 } else { 4.0 };
+                    assert!(
+                        ulps <= allowed,
+                        "{kernel} case {ci} {dt}: {ulps:.2} ulps of the largest logit"
+                    );
+                    let counts = mismatched.entry(kernel.name()).or_insert((0, 0));
+                    counts.0 += differ;
+                    counts.1 += got.len();
+                    if matches!(kernel, Kernel::Scalar | Kernel::Avx2 | Kernel::Avx512) {
+                        match &fma_logits {
+                            None => fma_logits = Some(got),
+                            Some(first) => assert_eq!(first, &got, "{kernel} case {ci} {dt}"),
+                        }
+                    }
+                }
+            }
+            for (kernel, (differ, total)) in mismatched {
+                eprintln!("{kernel} {dt}: {differ} of {total} logits differ from the naive");
+                if dt != Dtype::F32 {
+                    assert!(differ * 4 <= total, "{kernel} {dt}: {differ} of {total}");
+                }
+            }
+        }
+    }
 }

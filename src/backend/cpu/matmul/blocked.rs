@@ -471,6 +471,58 @@ impl<E: Widen> BlockKernel for ScalarFma<E> {
     }
 }
 
+/// A software model of `vdpbf16ps` as a kernel of this driver (tests only): per lane and
+/// input pair, the odd input first, then the even one, each an FMA with bf16 denormals read
+/// as zero and denormal results flushed (Intel's SDM; the tests check the instruction
+/// against the same statement). It runs the pair-step driver (packing of pairs, odd `k`)
+/// where the instruction does not exist.
+#[cfg(test)]
+pub(super) struct DpBf16Model;
+
+#[cfg(test)]
+impl BlockKernel for DpBf16Model {
+    type B = u16;
+    const MR: usize = 5;
+    const K_STEP: usize = 2;
+    const KC_STEPS: usize = 96;
+
+    fn pack_a(lo: f32, hi: f32) -> u32 {
+        (lo.to_bits() >> 16) | (hi.to_bits() & 0xFFFF_0000)
+    }
+
+    unsafe fn block(&self, steps: usize, a: *const u32, b: *const u16, out: &BlockOut) {
+        use super::amx_model::{bf16_daz, fma_daz_ftz};
+        // SAFETY: the caller guarantees `steps * MR` words at `a` and `steps * 64` values
+        // at `b` (a pair row is 32 columns x 2 values).
+        let (a, b) = unsafe {
+            (
+                std::slice::from_raw_parts(a, steps * Self::MR),
+                std::slice::from_raw_parts(b, steps * 2 * PANEL),
+            )
+        };
+        for r in 0..out.rows {
+            for j in 0..out.cols {
+                // SAFETY: row r < rows and column j < cols of the block are valid.
+                let c = unsafe { out.c.add(r * out.ldc + j) };
+                // SAFETY: as above; read only when accumulating (initialised then).
+                let mut acc = if out.accumulate { unsafe { *c } } else { 0.0 };
+                for s in 0..steps {
+                    let x = a[s * Self::MR + r];
+                    let (w_lo, w_hi) = (b[s * 2 * PANEL + 2 * j], b[s * 2 * PANEL + 2 * j + 1]);
+                    acc = fma_daz_ftz(bf16_daz((x >> 16) as u16), bf16_daz(w_hi), acc);
+                    acc = fma_daz_ftz(bf16_daz(x as u16), bf16_daz(w_lo), acc);
+                }
+                let v = match out.round {
+                    Some(dtype) => dtype.round(acc),
+                    None => acc,
+                };
+                // SAFETY: as above.
+                unsafe { *c = v };
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

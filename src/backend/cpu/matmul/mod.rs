@@ -132,6 +132,10 @@ pub enum Kernel {
     /// The AMX driver on the software model of the tile instructions (tests only).
     #[cfg(test)]
     AmxModel,
+    /// The `Avx512Bf16` driver (pair steps) on a software model of `vdpbf16ps` (tests
+    /// only), so that it is tested where the instruction is absent.
+    #[cfg(test)]
+    Avx512Bf16Model,
 }
 
 impl Kernel {
@@ -153,6 +157,8 @@ impl Kernel {
             Kernel::Amx => "amx",
             #[cfg(test)]
             Kernel::AmxModel => "amx-model",
+            #[cfg(test)]
+            Kernel::Avx512Bf16Model => "avx512-bf16-model",
         }
     }
 
@@ -165,6 +171,8 @@ impl Kernel {
             Kernel::Amx => Cap::Amx,
             #[cfg(test)]
             Kernel::AmxModel => Cap::Amx,
+            #[cfg(test)]
+            Kernel::Avx512Bf16Model => Cap::Avx512,
         }
     }
 
@@ -174,7 +182,7 @@ impl Kernel {
             Kernel::Scalar | Kernel::Avx2 | Kernel::Avx512 => Layout::Rows,
             Kernel::Avx512Bf16 | Kernel::Amx => Layout::Pairs,
             #[cfg(test)]
-            Kernel::AmxModel => Layout::Pairs,
+            Kernel::AmxModel | Kernel::Avx512Bf16Model => Layout::Pairs,
         }
     }
 
@@ -193,6 +201,8 @@ impl Kernel {
             },
             #[cfg(test)]
             Kernel::AmxModel => dtype != Dtype::F32,
+            #[cfg(test)]
+            Kernel::Avx512Bf16Model => dtype == Dtype::Bf16,
         }
     }
 
@@ -362,6 +372,10 @@ pub fn linear_silu_mul<R: Rounding>(
         (Kernel::Avx512Bf16, Storage::Bits16(g), Storage::Bits16(u), Dtype::Bf16) => {
             gated!(x86::Dp512Bf16, x86::Dp512Bf16, g, u)
         }
+        #[cfg(test)]
+        (Kernel::Avx512Bf16Model, Storage::Bits16(g), Storage::Bits16(u), Dtype::Bf16) => {
+            gated!(blocked::DpBf16Model, blocked::DpBf16Model, g, u)
+        }
         // The AMX driver keeps C in tiles per 32 x 32 block: not fused (yet).
         _ => false,
     }
@@ -459,6 +473,10 @@ pub fn linear<R: Rounding>(
         #[cfg(target_arch = "x86_64")]
         (Kernel::Amx, Storage::Bits16(d), Dtype::Bf16) => {
             amx::run::<amx::AsmBf16, R>(|| amx::AsmTiles, dst, amx_ops!(d))
+        }
+        #[cfg(test)]
+        (Kernel::Avx512Bf16Model, Storage::Bits16(d), Dtype::Bf16) => {
+            blocked!(blocked::DpBf16Model, d)
         }
         #[cfg(test)]
         (Kernel::AmxModel, Storage::Bits16(d), Dtype::F16) => {

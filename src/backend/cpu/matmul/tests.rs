@@ -223,7 +223,7 @@ fn tdpbf16ps_order(x: &[f32], w: &[f32]) -> f32 {
 /// The order `kernel` adds in, for `dtype`.
 fn order_of(kernel: Kernel, dtype: Dtype) -> fn(&[f32], &[f32]) -> f32 {
     match (kernel, dtype) {
-        (Kernel::Avx512Bf16, _) => vdpbf16ps_order,
+        (Kernel::Avx512Bf16 | Kernel::Avx512Bf16Model, _) => vdpbf16ps_order,
         (Kernel::AmxModel | Kernel::Amx, Dtype::Bf16) => tdpbf16ps_order,
         // TDPFP16PS is the sequential order (its flush of f32 denormals never acts on a sum
         // of f16 products: every partial sum is a multiple of 2^-48).
@@ -240,6 +240,9 @@ fn paths(dtype: Dtype) -> Vec<Kernel> {
         .collect();
     if dtype != Dtype::F32 {
         out.push(Kernel::AmxModel);
+    }
+    if dtype == Dtype::Bf16 {
+        out.push(Kernel::Avx512Bf16Model);
     }
     for k in Kernel::ALL {
         let applies = match k {
