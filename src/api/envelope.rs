@@ -1,9 +1,11 @@
-//! Request bodies: size-limited reading, JSON, and the three envelopes — bare, the PyWorker's
-//! `{"auth_data": ..., "payload": {...}}` and the Runpod-style `{"input": {...}}`.
+//! Request bodies: size-limited reading and JSON (the envelopes they may come in are unwrapped
+//! by [`unwrap_envelope`]), and error answers.
 
 use actix_web::{http::StatusCode, web, HttpResponse};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+
+pub use crate::pow::request::unwrap_envelope;
 
 /// The largest request body accepted (requests are a few hundred bytes).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -31,50 +33,4 @@ pub async fn read_json(mut payload: web::Payload, limit: usize) -> Result<Value,
         return Err("request body is empty: expected a JSON object".into());
     }
     serde_json::from_slice(&body).map_err(|e| format!("request is not valid JSON: {e}"))
-}
-
-/// The request inside its envelope, if any.
-pub fn unwrap_envelope(v: Value) -> Result<Value, String> {
-    let Value::Object(mut obj) = v else {
-        return Ok(v);
-    };
-    for key in ["payload", "input"] {
-        if let Some(inner) = obj.remove(key) {
-            return match inner {
-                Value::Object(_) => Ok(inner),
-                other => Err(format!(
-                    "{key}: expected a JSON object (the request), got {}",
-                    match other {
-                        Value::Null => "null",
-                        Value::Bool(_) => "a boolean",
-                        Value::Number(_) => "a number",
-                        Value::String(_) => "a string",
-                        Value::Array(_) => "an array",
-                        Value::Object(_) => unreachable!(),
-                    }
-                )),
-            };
-        }
-    }
-    Ok(Value::Object(obj))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn envelopes() {
-        let r = json!({"a": 1});
-        assert_eq!(unwrap_envelope(r.clone()).unwrap(), r);
-        assert_eq!(
-            unwrap_envelope(json!({"auth_data": {"x": 1}, "payload": r})).unwrap(),
-            r
-        );
-        assert_eq!(unwrap_envelope(json!({"input": r})).unwrap(), r);
-        assert!(unwrap_envelope(json!({"payload": "x"}))
-            .unwrap_err()
-            .contains("payload: expected"));
-        assert_eq!(unwrap_envelope(json!([1])).unwrap(), json!([1]));
-    }
 }

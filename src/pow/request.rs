@@ -337,6 +337,33 @@ impl ComputeRequest {
     }
 }
 
+/// The request inside its envelope, if any: bodies may come bare, as the PyWorker's
+/// `{"auth_data": ..., "payload": {...}}` or Runpod-style as `{"input": {...}}`.
+pub fn unwrap_envelope(v: Value) -> Result<Value, String> {
+    let Value::Object(mut obj) = v else {
+        return Ok(v);
+    };
+    for key in ["payload", "input"] {
+        if let Some(inner) = obj.remove(key) {
+            return match inner {
+                Value::Object(_) => Ok(inner),
+                other => Err(format!(
+                    "{key}: expected a JSON object (the request), got {}",
+                    match other {
+                        Value::Null => "null",
+                        Value::Bool(_) => "a boolean",
+                        Value::Number(_) => "a number",
+                        Value::String(_) => "a string",
+                        Value::Array(_) => "an array",
+                        Value::Object(_) => unreachable!(),
+                    }
+                )),
+            };
+        }
+    }
+    Ok(Value::Object(obj))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,5 +535,20 @@ mod tests {
                 prop_assert!(p.ffn_hidden() >= 1);
             }
         }
+    }
+
+    #[test]
+    fn envelopes() {
+        let r = json!({"a": 1});
+        assert_eq!(unwrap_envelope(r.clone()).unwrap(), r);
+        assert_eq!(
+            unwrap_envelope(json!({"auth_data": {"x": 1}, "payload": r})).unwrap(),
+            r
+        );
+        assert_eq!(unwrap_envelope(json!({"input": r})).unwrap(), r);
+        assert!(unwrap_envelope(json!({"payload": "x"}))
+            .unwrap_err()
+            .contains("payload: expected"));
+        assert_eq!(unwrap_envelope(json!([1])).unwrap(), json!([1]));
     }
 }

@@ -19,9 +19,9 @@ pub enum CallError {
 impl fmt::Display for CallError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CallError::Transport(s) => write!(f, "no answer ({})", super::logsafe::scrub(s)),
+            CallError::Transport(s) => write!(f, "no answer ({})", crate::logsafe::scrub(s)),
             CallError::Status(c) => write!(f, "HTTP status {c}"),
-            CallError::Rejected(s) => write!(f, "rejected ({})", super::logsafe::scrub(s)),
+            CallError::Rejected(s) => write!(f, "rejected ({})", crate::logsafe::scrub(s)),
         }
     }
 }
