@@ -30,6 +30,20 @@ enum Command {
         #[arg(long, value_enum, default_value = "cpu")]
         device: llama_pow::cli::devices::DeviceChoice,
     },
+    /// Validate a proof batch as a validator would: recompute every nonce's distance and run
+    /// the fraud test. The verdict goes to stdout as one JSON object, progress to stderr.
+    ///
+    /// Input: /validate's body (block_hash, block_height, public_key, params, r_target,
+    /// nonces, dist; node_id, fraud_threshold, batch_size optional) and optionally dtype.
+    Validate {
+        /// Read the request from this file instead of standard input.
+        #[arg(long)]
+        request: Option<PathBuf>,
+        /// Where to compute: cpu (the reference-faithful CPU backend), cuda (the first GPU
+        /// group) or auto.
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: llama_pow::cli::devices::DeviceChoice,
+    },
     /// Print the hashes of the pool, the parameters, the target, and the inputs and
     /// permutations of `count` nonces, to check an install against the reference.
     Facts {
@@ -53,6 +67,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let req = llama_pow::cli::read_request(request.as_deref())?;
             let out = llama_pow::cli::compute::run(&req, device)?;
             println!("{}", serde_json::to_string(&out)?);
+        }
+        Command::Validate { request, device } => {
+            let text = llama_pow::cli::read_text(request.as_deref())?;
+            let verdict = llama_pow::cli::validate::run(&text, device)?;
+            llama_pow::cli::validate::print(&verdict)?;
         }
         Command::Facts { request, params } => {
             let req = llama_pow::cli::read_request(request.as_deref())?;

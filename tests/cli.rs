@@ -403,3 +403,58 @@ fn bench_sweep_of_fp8_on_the_cpu_fails_with_the_reason() {
     assert!(!err.contains("f16 batch 2"), "{err:?}");
     assert!(err.contains("in fp8") && err.contains("use_fp8"), "{err:?}");
 }
+
+#[test]
+fn proofs_made_by_compute_validate_in_another_dtype() {
+    // The install check of the README: f16 proofs from `compute`, validated in f32.
+    let case = load("tiny_f16.json");
+    let mut req = request_for(&case, 200, "f16");
+    req["start_nonce"] = json!(0);
+    let out = run(&["compute"], &req.to_string());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let computed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let proofs = computed["valid_nonces"].as_array().unwrap().len();
+    assert!(proofs > 10, "{proofs}");
+    let batch = json!({
+        "block_hash": case["block_hash"], "public_key": case["public_key"],
+        "block_height": 12, "params": case["params"], "r_target": case["r_target"],
+        "nonces": computed["valid_nonces"], "dist": computed["valid_dist"],
+        "dtype": "f32", "batch_size": 16,
+    });
+    let out = run(&["validate"], &batch.to_string());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    assert_eq!(v["n_invalid"], 0);
+    assert_eq!(v["fraud_detected"], false);
+    assert_eq!(v["nonces"], computed["valid_nonces"]);
+    // f16 against f32: within the dtypes' own spread.
+    assert!(v["max_abs_dist_diff"].as_f64().unwrap() < 1e-3);
+    // Progress on stderr, one line per batch.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let progress: Vec<Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(progress.len(), proofs.div_ceil(16), "{stderr}");
+    assert_eq!(progress.last().unwrap()["validated"], proofs);
+
+    // A bad batch: one line on stderr naming the field, and a failure.
+    let mut bad = batch.clone();
+    bad["dist"][0] = json!(9.0);
+    let out = run(&["validate"], &bad.to_string());
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("dist[0]: 9 is not below r_target"),
+        "{stderr}"
+    );
+}

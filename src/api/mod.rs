@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod ndjson;
 pub mod pooled;
 pub mod server;
+pub mod validate;
 pub mod warmup;
 
 pub use server::{serve, AppState, ServeConfig, Sessions, READY_LINE};
@@ -20,7 +21,7 @@ use actix_web::{web, HttpResponse};
 async fn not_found() -> HttpResponse {
     envelope::error_response(
         StatusCode::NOT_FOUND,
-        "no such endpoint: use /health, /metrics, /generate, /warmup or /pooled",
+        "no such endpoint: use /health, /metrics, /generate, /validate, /warmup or /pooled",
     )
 }
 
@@ -64,6 +65,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource("/pooled")
             .route(web::post().to(pooled::pooled))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/validate")
+            .route(web::post().to(validate::validate))
             .default_service(web::to(method_not_allowed)),
     )
     .default_service(web::to(not_found));

@@ -42,10 +42,25 @@ pub struct RangeJob {
     pub batch_size: u64,
 }
 
+/// Recompute the distances of a given list of nonces (a proof batch to validate), until
+/// every one is done or `max_duration` has passed.
+#[derive(Debug, Clone)]
+pub struct ValidateJob {
+    pub model: ModelSpec,
+    pub public_key: String,
+    pub block_height: u64,
+    pub r_target: f64,
+    /// In any order, each at most once; worker w of W takes those at positions w, w + W, ...
+    pub nonces: Arc<Vec<u64>>,
+    pub batch_size: u64,
+    pub max_duration: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub enum Job {
     Generate(GenerateJob),
     Range(RangeJob),
+    Validate(ValidateJob),
 }
 
 impl Job {
@@ -53,6 +68,7 @@ impl Job {
         match self {
             Job::Generate(g) => &g.model,
             Job::Range(r) => &r.model,
+            Job::Validate(v) => &v.model,
         }
     }
 
@@ -60,6 +76,7 @@ impl Job {
         match self {
             Job::Generate(g) => &mut g.model,
             Job::Range(r) => &mut r.model,
+            Job::Validate(v) => &mut v.model,
         }
     }
 
@@ -67,14 +84,23 @@ impl Job {
         match self {
             Job::Generate(g) => g.batch_size,
             Job::Range(r) => r.batch_size,
+            Job::Validate(v) => v.batch_size,
         }
     }
 
+    /// A metric label: "generate", "range" or "validate".
     pub fn kind(&self) -> &'static str {
         match self {
             Job::Generate(_) => "generate",
             Job::Range(_) => "range",
+            Job::Validate(_) => "validate",
         }
+    }
+
+    /// Whether the job's reports carry every nonce's distance (validation), not only the
+    /// proofs'.
+    pub fn wants_all_distances(&self) -> bool {
+        matches!(self, Job::Validate(_))
     }
 }
 
@@ -193,6 +219,9 @@ pub struct BatchReport {
     /// Those below r_target, and their distances.
     pub valid_nonces: Vec<u64>,
     pub valid_dist: Vec<f64>,
+    /// Every nonce's distance, lined up with `nonces`, for jobs that want them
+    /// ([`Job::wants_all_distances`]); None otherwise.
+    pub dist: Option<Vec<f64>>,
     /// Per worker, counted since the job started (range jobs: since the last restart).
     pub batch_number: u64,
     pub total_computed: u64,

@@ -19,6 +19,6 @@ mod tests;
 
 pub use job::{
     Assignment, BatchReport, GenerateJob, Job, JobControl, JobEnd, JobError, JobEvent, JobHandle,
-    ModelSpec, RangeJob, StopReason, SubmitError,
+    ModelSpec, RangeJob, StopReason, SubmitError, ValidateJob,
 };
 pub use scheduler::{Engine, EngineOptions, EngineStatus};

@@ -452,6 +452,13 @@ fn run_job_holding_devices(
             g.r_target,
         ),
         Job::Range(_) => JobSpec::new(&spec.block_hash, "", &spec.params, dtype, f64::INFINITY),
+        Job::Validate(v) => JobSpec::new(
+            &spec.block_hash,
+            &v.public_key,
+            &spec.params,
+            dtype,
+            v.r_target,
+        ),
     };
     state.set(JobState::Computing);
     let first_batch = AtomicBool::new(false);
@@ -471,6 +478,7 @@ fn run_job_holding_devices(
                     control,
                     tx,
                     batch_size,
+                    all_distances: job.wants_all_distances(),
                     started: compute_start,
                     metrics: &inner.metrics,
                     device_failed: &inner.device_failed,

@@ -667,3 +667,100 @@ fn shutdown_refuses_new_jobs() {
         Err(SubmitError::ShuttingDown)
     ));
 }
+
+fn validate_job(nonces: Vec<u64>, bs: u64, secs: f64) -> Job {
+    Job::Validate(ValidateJob {
+        model: ModelSpec {
+            block_hash: "bh".into(),
+            params: tiny(),
+        },
+        public_key: "pk".into(),
+        block_height: 3,
+        r_target: 10.0,
+        nonces: Arc::new(nonces),
+        batch_size: bs,
+        max_duration: Duration::from_secs_f64(secs),
+    })
+}
+
+#[test]
+fn a_validation_computes_exactly_its_nonces_with_every_distance() {
+    for n_devices in [1, 2] {
+        let devices: Vec<Arc<dyn Backend>> = (0..n_devices)
+            .map(|_| Arc::new(CpuBackend::new()) as Arc<dyn Backend>)
+            .collect();
+        let e = Engine::new(devices, EngineOptions::default());
+        // Not sorted, not contiguous, near the top of the range.
+        let nonces: Vec<u64> = vec![9, 3, u64::MAX, 1_000_000, 7, 0, 42, u64::MAX - 5, 11];
+        let (batches, end, _) =
+            drain(&mut e.submit(validate_job(nonces.clone(), 2, 60.0)).unwrap());
+        assert_eq!(end, JobEnd::Completed);
+        let mut got: Vec<(u64, f64)> = Vec::new();
+        for b in &batches {
+            let dist = b.dist.as_ref().expect("every distance of a validation");
+            assert_eq!(dist.len(), b.nonces.len());
+            got.extend(b.nonces.iter().copied().zip(dist.iter().copied()));
+        }
+        got.sort_by_key(|x| x.0);
+        let mut want_nonces = nonces.clone();
+        want_nonces.sort_unstable();
+        assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), want_nonces);
+        // The distances are the host's own recomputation of each nonce, alone.
+        let cpu = CpuBackend::new();
+        let m = cpu.build_model("bh", &tiny(), Dtype::F16).unwrap();
+        let spec = JobSpec::new("bh", "pk", &tiny(), Dtype::F16, 10.0);
+        for (n, d) in got {
+            let one = cpu
+                .run_batch(&m, &spec, batch::prepare(&spec, vec![n]), true)
+                .unwrap();
+            assert_eq!(one.distances(), Some(&[d][..]), "nonce {n}");
+        }
+    }
+}
+
+#[test]
+fn validations_and_generations_preempt_each_other() {
+    let e = engine();
+    // A generation preempted by a validation, which then runs to its end.
+    let mut g = e.submit(gen(60.0, 2)).unwrap();
+    loop {
+        if let JobEvent::Batch(_) = g.events.blocking_recv().unwrap() {
+            break;
+        }
+    }
+    let mut v = e.submit(validate_job((0..50).collect(), 4, 60.0)).unwrap();
+    let (_, end, _) = drain(&mut g);
+    assert_eq!(end, JobEnd::Stopped(StopReason::Preempted));
+    let (batches, end, _) = drain(&mut v);
+    assert_eq!(end, JobEnd::Completed);
+    assert_eq!(batches.iter().map(|b| b.nonces.len()).sum::<usize>(), 50);
+    // A validation preempted by a generation.
+    let mut v = e
+        .submit(validate_job((0..1_000_000).collect(), 2, 60.0))
+        .unwrap();
+    loop {
+        if let JobEvent::Batch(_) = v.events.blocking_recv().unwrap() {
+            break;
+        }
+    }
+    let mut g = e.submit(gen(0.2, 2)).unwrap();
+    let (_, end, _) = drain(&mut v);
+    assert_eq!(end, JobEnd::Stopped(StopReason::Preempted));
+    let (batches, end, _) = drain(&mut g);
+    assert_eq!(end, JobEnd::Completed);
+    assert!(!batches.is_empty());
+    assert_eq!(e.status().jobs_started, 4);
+}
+
+#[test]
+fn a_validation_stops_at_its_time_limit() {
+    let e = engine();
+    let (batches, end, _) = drain(
+        &mut e
+            .submit(validate_job((0..1_000_000).collect(), 4, 0.2))
+            .unwrap(),
+    );
+    assert_eq!(end, JobEnd::Completed);
+    let n: usize = batches.iter().map(|b| b.nonces.len()).sum();
+    assert!(n > 0 && n < 1_000_000, "{n}");
+}

@@ -7,7 +7,7 @@
 
 use super::job::{
     send_event, send_event_unless_stopped, Assignment, BatchReport, GenerateJob, Job, JobControl,
-    JobError, JobEvent, StopReason,
+    JobError, JobEvent, StopReason, ValidateJob,
 };
 use super::sizer::BatchSizer;
 use crate::backend::batch;
@@ -56,6 +56,9 @@ pub(super) struct WorkerCtx<'a> {
     pub tx: &'a mpsc::Sender<JobEvent>,
     /// The request's batch size, cut to the engine's memory bound.
     pub batch_size: usize,
+    /// Whether the device hands back every nonce's distance (validation) rather than only
+    /// the proofs'.
+    pub all_distances: bool,
     pub started: Instant,
     pub metrics: &'a Metrics,
     /// Set when a device fails for good (/health's `cuda_broken`).
@@ -70,6 +73,7 @@ pub(super) fn run(ctx: &WorkerCtx<'_>, base: JobSpec, job: &Job) -> Totals {
     match job {
         Job::Generate(g) => generate_worker(ctx, base, g),
         Job::Range(_) => range_worker(ctx, base),
+        Job::Validate(v) => validate_worker(ctx, base, v),
     }
 }
 
@@ -104,6 +108,30 @@ impl NonceSource for UntilDeadline<'_> {
     }
     fn more(&self) -> bool {
         self.started.elapsed() < self.max
+    }
+}
+
+/// A validation worker's share of a list of nonces (every n-th from its own position) until
+/// the job's time limit.
+struct ListShare<'a> {
+    nonces: &'a [u64],
+    next: usize,
+    stride: usize,
+    started: Instant,
+    max: Duration,
+}
+
+impl NonceSource for ListShare<'_> {
+    fn take(&mut self, n: usize) -> Vec<u64> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n && self.next < self.nonces.len() {
+            out.push(self.nonces[self.next]);
+            self.next += self.stride;
+        }
+        out
+    }
+    fn more(&self) -> bool {
+        self.next < self.nonces.len() && self.started.elapsed() < self.max
     }
 }
 
@@ -276,6 +304,7 @@ impl WorkerCtx<'_> {
             nonces: r.nonces,
             valid_nonces: r.valid_nonces,
             valid_dist: r.valid_dist,
+            dist: r.dist,
             batch_number: t.batches,
             total_computed: t.computed,
             total_valid: t.valid,
@@ -284,11 +313,15 @@ impl WorkerCtx<'_> {
         }
     }
 
-    /// Run a prepared batch on the device (the proofs' distances only): the result and the
-    /// device time; None (after reporting) when the device failed.
+    /// Run a prepared batch on the device (the proofs' distances, or every one for jobs that
+    /// want them): the result and the device time; None (after reporting) when the device
+    /// failed.
     fn run_on_device(&self, spec: &JobSpec, b: PreparedBatch) -> Option<(BatchResult, Duration)> {
         let t0 = Instant::now();
-        match self.device.run_batch(&self.model, spec, b, false) {
+        match self
+            .device
+            .run_batch(&self.model, spec, b, self.all_distances)
+        {
             Ok(r) => Some((r, t0.elapsed())),
             Err(e) => {
                 let err = JobError::from_backend(&e);
@@ -473,4 +506,32 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
         }
     }
     all
+}
+
+fn validate_worker(ctx: &WorkerCtx<'_>, spec: JobSpec, job: &ValidateJob) -> Totals {
+    let mut src = ListShare {
+        nonces: &job.nonces,
+        next: ctx.worker_id,
+        stride: ctx.n_workers,
+        started: ctx.started,
+        max: job.max_duration,
+    };
+    let mut pipe = Pipeline::new(ctx, &spec.params);
+    let mut t = Totals::default();
+    loop {
+        if ctx.control.stopped().is_some() || ctx.started.elapsed() >= job.max_duration {
+            break;
+        }
+        let (r, compute_time) = match pipe.step(&spec, Epochs::default(), &mut src) {
+            Step::Computed(r, took) => (r, took),
+            Step::Idle | Step::Failed => break,
+        };
+        t.add(&r);
+        let report = ctx.report(&spec, job.block_height, r, &t, compute_time);
+        // A stopped validation has no verdict to give: give up on a full queue.
+        if !send_event_unless_stopped(ctx.tx, JobEvent::Batch(report), ctx.control) {
+            break;
+        }
+    }
+    t
 }

@@ -28,7 +28,7 @@ impl From<super::params::ParamsError> for RequestError {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -41,7 +41,7 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn wrong(field: &str, expected: &str, v: &Value) -> RequestError {
+pub(crate) fn wrong(field: &str, expected: &str, v: &Value) -> RequestError {
     let shown = v.to_string();
     let shown = if shown.chars().count() > 40 {
         format!("{}...", shown.chars().take(40).collect::<String>())
@@ -97,7 +97,7 @@ impl<'a> Fields<'a> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
 
-    fn required(&self, key: &str) -> Result<&'a Value, RequestError> {
+    pub(crate) fn required(&self, key: &str) -> Result<&'a Value, RequestError> {
         self.get(key)
             .ok_or_else(|| RequestError(format!("{}: missing required field", self.name(key))))
     }

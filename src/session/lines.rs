@@ -1,6 +1,7 @@
 //! Every kind of NDJSON line the server streams, in one place: a batch's fields (on /generate
-//! lines and in /pooled results), a /generate line, an error line and its two fixed forms;
-//! and [`LineSink`], the writing end of a stream of lines.
+//! lines and in /pooled results), a /generate line, a /validate progress line (its final line
+//! is [`crate::pow::validation::ValidatedBatch`]), an error line and its two fixed forms; and
+//! [`LineSink`], the writing end of a stream of lines.
 
 use crate::engine::{BatchReport, JobError};
 use bytes::Bytes;
@@ -75,6 +76,18 @@ impl<'a> ErrorLine<'a> {
             fatal: e.fatal,
         }
     }
+}
+
+/// A /validate progress line, one per computed batch.
+#[derive(Debug, Serialize)]
+pub struct ValidationProgress {
+    /// Nonces recomputed so far, of `total`.
+    pub validated: u64,
+    pub total: u64,
+    /// Of those, the ones whose recomputed distance is above r_target.
+    pub n_invalid_so_far: u64,
+    /// Since the job started computing.
+    pub elapsed_seconds: f64,
 }
 
 /// The line of a job preempted by a newer request.

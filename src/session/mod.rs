@@ -8,6 +8,7 @@ pub mod client;
 pub mod generation;
 pub mod lines;
 pub mod pooled;
+pub mod validation;
 pub mod warmup;
 
 use tokio::sync::watch;

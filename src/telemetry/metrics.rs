@@ -59,6 +59,10 @@ pub struct Metrics {
     pooled_sessions: IntGauge,
     pooled_results_delivered: IntCounter,
     orchestrator_errors: IntCounterVec,
+    validations: IntCounter,
+    nonces_validated: IntCounter,
+    validation_invalid: IntCounter,
+    frauds_detected: IntCounter,
     gpus: IntGauge,
     gpu_memory_used: GaugeVec,
     gpu_memory_total: GaugeVec,
@@ -234,6 +238,26 @@ impl Metrics {
                 "Failed calls to the orchestrator, by call",
                 &["call"],
             ),
+            validations: counter(
+                r,
+                "llama_pow_validations_total",
+                "Proof batches validated to a verdict",
+            ),
+            nonces_validated: counter(
+                r,
+                "llama_pow_nonces_validated_total",
+                "Nonces recomputed by validations that reached a verdict",
+            ),
+            validation_invalid: counter(
+                r,
+                "llama_pow_validation_invalid_total",
+                "Validated nonces whose recomputed distance was above r_target",
+            ),
+            frauds_detected: counter(
+                r,
+                "llama_pow_frauds_detected_total",
+                "Validated batches judged a fraud (probability_honest below the threshold)",
+            ),
             gpus: reg(
                 r,
                 IntGauge::new("llama_pow_gpus", "GPUs NVML reports (0 without NVML)")
@@ -365,6 +389,16 @@ impl Metrics {
     /// "shutdown".
     pub fn orchestrator_error(&self, call: &str) {
         self.orchestrator_errors.with_label_values(&[call]).inc();
+    }
+
+    /// A validation reached its verdict on `nonces` nonces, `invalid` of them invalid.
+    pub fn validated(&self, nonces: u64, invalid: u64, fraud: bool) {
+        self.validations.inc();
+        self.nonces_validated.inc_by(nonces);
+        self.validation_invalid.inc_by(invalid);
+        if fraud {
+            self.frauds_detected.inc();
+        }
     }
 
     pub fn nonces_computed(&self) -> u64 {

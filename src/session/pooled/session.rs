@@ -95,6 +95,8 @@ enum Step {
 }
 
 /// What woke the computing loop.
+// Lives for one turn of the loop, on its stack: boxing the event would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Wake {
     Event(Option<JobEvent>),
     Poll,
