@@ -34,3 +34,30 @@ pub async fn read_json(mut payload: web::Payload, limit: usize) -> Result<Value,
     }
     serde_json::from_slice(&body).map_err(|e| format!("request is not valid JSON: {e}"))
 }
+
+/// A compute request's body read (at most `limit` bytes), unwrapped from its envelope and
+/// checked by `check` before anything runs; or the answer to send instead: a 400 naming the
+/// field (logged, scrubbed, as `what`), or a 503 while the server shuts down.
+pub async fn read_compute_request<T>(
+    payload: web::Payload,
+    limit: usize,
+    what: &str,
+    shutting_down: impl Fn() -> bool,
+    check: impl FnOnce(&Value) -> Result<T, String>,
+) -> Result<T, HttpResponse> {
+    let v = read_json(payload, limit)
+        .await
+        .and_then(unwrap_envelope)
+        .map_err(|e| bad_request(&e))?;
+    let req = check(&v).map_err(|e| {
+        tracing::info!("{what} request refused: {}", crate::logsafe::scrub(&e));
+        bad_request(&e)
+    })?;
+    if shutting_down() {
+        return Err(error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        ));
+    }
+    Ok(req)
+}

@@ -1,7 +1,7 @@
 //! POST /generate: validate, take the devices (preempting whoever has them), and stream the
 //! generation job's lines ([`crate::session::generation`]) until its time limit.
 
-use super::envelope::{bad_request, error_response, read_json, unwrap_envelope};
+use super::envelope::{error_response, read_compute_request};
 use super::ndjson;
 use super::AppState;
 use crate::engine::SubmitError;
@@ -21,26 +21,19 @@ pub fn refused(e: &SubmitError) -> HttpResponse {
 }
 
 pub async fn generate(state: web::Data<AppState>, payload: web::Payload) -> HttpResponse {
-    let v = match read_json(payload, state.cfg.max_body_bytes)
-        .await
-        .and_then(unwrap_envelope)
+    let limit = state.cfg.max_body_bytes;
+    let req = match read_compute_request(
+        payload,
+        limit,
+        "generate",
+        || state.shutting_down(),
+        |v| validate(&state.engine, v),
+    )
+    .await
     {
-        Ok(v) => v,
-        Err(e) => return bad_request(&e),
-    };
-    let req = match validate(&state.engine, &v) {
         Ok(r) => r,
-        Err(e) => {
-            tracing::info!("generate request refused: {}", crate::logsafe::scrub(&e));
-            return bad_request(&e);
-        }
+        Err(answer) => return answer,
     };
-    if state.shutting_down() {
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the server is shutting down",
-        );
-    }
     let handle = match state
         .engine
         .submit(generation::job_for(&req, state.cfg.max_job))

@@ -23,6 +23,15 @@ pub struct ModelSpec {
     pub params: Params,
 }
 
+impl ModelSpec {
+    pub fn new(block_hash: &str, params: &Params) -> Self {
+        ModelSpec {
+            block_hash: block_hash.to_owned(),
+            params: params.clone(),
+        }
+    }
+}
+
 /// An open-ended schedule from `start_nonce` until `max_duration` has passed.
 #[derive(Debug, Clone)]
 pub struct GenerateJob {

@@ -157,16 +157,20 @@ fn generate_runs_until_its_time_limit_and_caches_the_model() {
     assert_eq!(e.status().jobs_started, 2);
 }
 
+/// Wait until `h`'s job has computed a batch.
+fn first_batch(h: &mut JobHandle) {
+    loop {
+        if let JobEvent::Batch(_) = h.events.blocking_recv().unwrap() {
+            return;
+        }
+    }
+}
+
 #[test]
 fn a_new_job_preempts_the_old_one() {
     let e = engine();
     let mut a = e.submit(gen(60.0, 2)).unwrap();
-    // Wait until the first job computes.
-    loop {
-        if let JobEvent::Batch(_) = a.events.blocking_recv().unwrap() {
-            break;
-        }
-    }
+    first_batch(&mut a);
     let mut b = e.submit(gen(0.1, 2)).unwrap();
     let (_, end, _) = drain(&mut a);
     assert_eq!(end, JobEnd::Stopped(StopReason::Preempted));
@@ -723,11 +727,7 @@ fn validations_and_generations_preempt_each_other() {
     let e = engine();
     // A generation preempted by a validation, which then runs to its end.
     let mut g = e.submit(gen(60.0, 2)).unwrap();
-    loop {
-        if let JobEvent::Batch(_) = g.events.blocking_recv().unwrap() {
-            break;
-        }
-    }
+    first_batch(&mut g);
     let mut v = e.submit(validate_job((0..50).collect(), 4, 60.0)).unwrap();
     let (_, end, _) = drain(&mut g);
     assert_eq!(end, JobEnd::Stopped(StopReason::Preempted));
@@ -738,11 +738,7 @@ fn validations_and_generations_preempt_each_other() {
     let mut v = e
         .submit(validate_job((0..1_000_000).collect(), 2, 60.0))
         .unwrap();
-    loop {
-        if let JobEvent::Batch(_) = v.events.blocking_recv().unwrap() {
-            break;
-        }
-    }
+    first_batch(&mut v);
     let mut g = e.submit(gen(0.2, 2)).unwrap();
     let (_, end, _) = drain(&mut v);
     assert_eq!(end, JobEnd::Stopped(StopReason::Preempted));
@@ -763,4 +759,28 @@ fn a_validation_stops_at_its_time_limit() {
     assert_eq!(end, JobEnd::Completed);
     let n: usize = batches.iter().map(|b| b.nonces.len()).sum();
     assert!(n > 0 && n < 1_000_000, "{n}");
+}
+
+#[test]
+fn a_validation_on_an_overlapping_device_loses_no_nonce_drawn_ahead() {
+    // The batch drawn ahead while the last one computes must still be computed once the list
+    // is exhausted.
+    for n in [1usize, 7, 8, 9, 40, 101] {
+        let d = FakeGpu::new(2, true);
+        let e = d.engine();
+        let nonces: Vec<u64> = (0..n as u64).map(|i| 1000 - 3 * i).collect();
+        let (batches, end, _) =
+            drain(&mut e.submit(validate_job(nonces.clone(), 8, 60.0)).unwrap());
+        assert_eq!(end, JobEnd::Completed);
+        let mut got: Vec<u64> = batches.iter().flat_map(|b| b.nonces.clone()).collect();
+        got.sort_unstable();
+        let mut want = nonces;
+        want.sort_unstable();
+        assert_eq!(got, want, "{n} nonces");
+        for b in &batches {
+            let dist = b.dist.as_ref().unwrap();
+            let want: Vec<f64> = b.nonces.iter().map(|&n| FakeGpu::dist(n)).collect();
+            assert_eq!(dist, &want);
+        }
+    }
 }

@@ -424,19 +424,29 @@ fn generate_worker(ctx: &WorkerCtx<'_>, spec: JobSpec, job: &GenerateJob) -> Tot
         started: ctx.started,
         max: job.max_duration,
     };
+    walk(ctx, &spec, &mut src, job.block_height, job.max_duration)
+}
+
+/// Compute the nonces of `src` until it has no more (the batch drawn ahead included), the
+/// job's time `max` is up or it is stopped, reporting each batch. A stopped job has no one to
+/// hand its last batch to (a /generate client gone or preempted, a validation without a
+/// verdict): on a full queue the batch is given up.
+fn walk(
+    ctx: &WorkerCtx<'_>,
+    spec: &JobSpec,
+    src: &mut dyn NonceSource,
+    block_height: u64,
+    max: Duration,
+) -> Totals {
     let mut pipe = Pipeline::new(ctx, &spec.params);
     let mut t = Totals::default();
-    loop {
-        if ctx.control.stopped().is_some() || !src.more() {
-            break;
-        }
-        let (r, compute_time) = match pipe.step(&spec, Epochs::default(), &mut src) {
+    while ctx.control.stopped().is_none() && ctx.started.elapsed() < max {
+        let (r, compute_time) = match pipe.step(spec, Epochs::default(), src) {
             Step::Computed(r, took) => (r, took),
             Step::Idle | Step::Failed => break,
         };
         t.add(&r);
-        let report = ctx.report(&spec, job.block_height, r, &t, compute_time);
-        // A stopped /generate has no one to hand its last batch to: give up on a full queue.
+        let report = ctx.report(spec, block_height, r, &t, compute_time);
         if !send_event_unless_stopped(ctx.tx, JobEvent::Batch(report), ctx.control) {
             break;
         }
@@ -516,22 +526,5 @@ fn validate_worker(ctx: &WorkerCtx<'_>, spec: JobSpec, job: &ValidateJob) -> Tot
         started: ctx.started,
         max: job.max_duration,
     };
-    let mut pipe = Pipeline::new(ctx, &spec.params);
-    let mut t = Totals::default();
-    loop {
-        if ctx.control.stopped().is_some() || ctx.started.elapsed() >= job.max_duration {
-            break;
-        }
-        let (r, compute_time) = match pipe.step(&spec, Epochs::default(), &mut src) {
-            Step::Computed(r, took) => (r, took),
-            Step::Idle | Step::Failed => break,
-        };
-        t.add(&r);
-        let report = ctx.report(&spec, job.block_height, r, &t, compute_time);
-        // A stopped validation has no verdict to give: give up on a full queue.
-        if !send_event_unless_stopped(ctx.tx, JobEvent::Batch(report), ctx.control) {
-            break;
-        }
-    }
-    t
+    walk(ctx, &spec, &mut src, job.block_height, job.max_duration)
 }

@@ -31,10 +31,7 @@ pub fn validate(engine: &Engine, v: &Value) -> Result<ProofRequest, String> {
 /// The job of a generation request, limited to `max_duration`.
 pub fn job_for(req: &ProofRequest, max_duration: std::time::Duration) -> Job {
     Job::Generate(GenerateJob {
-        model: ModelSpec {
-            block_hash: req.block_hash.clone(),
-            params: req.params.clone(),
-        },
+        model: ModelSpec::new(&req.block_hash, &req.params),
         public_key: req.public_key.clone(),
         block_height: req.block_height,
         r_target: req.r_target,

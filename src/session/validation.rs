@@ -27,10 +27,7 @@ pub fn validate_request(engine: &Engine, v: &Value) -> Result<ValidationRequest,
 /// The job that recomputes `req`'s nonces, limited to `max_duration`.
 pub fn job_for(req: &ValidationRequest, max_duration: Duration) -> Job {
     Job::Validate(ValidateJob {
-        model: ModelSpec {
-            block_hash: req.block_hash.clone(),
-            params: req.params.clone(),
-        },
+        model: ModelSpec::new(&req.block_hash, &req.params),
         public_key: req.public_key.clone(),
         block_height: req.block_height,
         r_target: req.r_target,
