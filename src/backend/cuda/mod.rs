@@ -10,9 +10,11 @@
 //! [`CudaBackend`] ([`backend`]): [`gpu`] (a device brought up: context, stream, kernels,
 //! cuBLASLt; device buffers), [`launch`] (one launcher module per kernel family), [`gemm`]
 //! (the matrix products), [`model`] (weights built on the devices from the pool) and
-//! [`forward`] (the CPU backend's steps, queued on the GPU, and the tail).
+//! [`forward`] (the CPU backend's steps, queued on the GPU, and the tail); [`ceiling`] times
+//! cuBLASLt alone on the forward's products for the bench.
 
 pub mod backend;
+pub mod ceiling;
 pub mod forward;
 pub mod gemm;
 pub mod gpu;

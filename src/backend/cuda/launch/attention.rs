@@ -2,7 +2,7 @@
 //! the keys and values of a head, the general one otherwise.
 
 use super::{int, kernel};
-use crate::backend::cuda::gpu::{storage_bytes, Gpu};
+use crate::backend::cuda::gpu::{storage_bytes, DevView, Elem, Gpu};
 use crate::backend::BackendError;
 use crate::pow::dtype::Dtype;
 use cudarc::driver::sys::CUfunction_attribute_enum;
@@ -34,18 +34,25 @@ pub fn smem_bytes(seq: usize, head_dim: usize, dtype: Dtype) -> usize {
 }
 
 /// Causal attention of `q` (rotated) against `k` / `v` into `out` (the layout of q).
-pub fn attention(
+pub(crate) fn attention(
     gpu: &Gpu,
     dtype: Dtype,
-    q: u64,
-    k: u64,
-    v: u64,
-    out: u64,
+    q: DevView<'_>,
+    k: DevView<'_>,
+    v: DevView<'_>,
+    out: DevView<'_>,
     sh: AttnShape,
 ) -> Result<(), BackendError> {
     if sh.batch == 0 || sh.q_rows_per_batch == 0 {
         return Ok(());
     }
+    let t = Elem::storage(dtype);
+    let q_values = sh.batch * sh.q_rows_per_batch * sh.n_heads * sh.head_dim;
+    let kv_values = sh.batch * sh.seq * sh.n_kv_heads * sh.head_dim;
+    let q = q.check(gpu, "attention q", t, q_values)?;
+    let k = k.check(gpu, "attention k", t, kv_values)?;
+    let v = v.check(gpu, "attention v", t, kv_values)?;
+    let out = out.check(gpu, "attention out", t, q_values)?;
     let (seq, n_heads) = (int("seq_len", sh.seq)?, int("n_heads", sh.n_heads)?);
     let n_kv = int("n_kv_heads", sh.n_kv_heads)?;
     let hd = int("head_dim", sh.head_dim)?;
@@ -101,8 +108,8 @@ pub fn attention(
         // SAFETY: both kernels take (const S* q, const S* k, const S* v, S* out, int seq,
         // int n_heads, int n_kv_heads, int head_dim, int q_rows_per_batch, float scale) in this
         // order; q and out hold batch * q_rows_per_batch rows of n_heads * head_dim values, k
-        // and v batch * seq rows of n_kv_heads * head_dim; the dynamic shared memory is what
-        // the chosen kernel's header asks for.
+        // and v batch * seq rows of n_kv_heads * head_dim, on this GPU (checked above); the
+        // dynamic shared memory is what the chosen kernel's header asks for.
         unsafe { gpu.run(&mut a, name, cfg) }
     }
 }
