@@ -4,7 +4,27 @@ use super::{int, kernel, single};
 use crate::backend::cuda::gpu::{DevView, Elem, Gpu};
 use crate::backend::BackendError;
 use crate::pow::dtype::Dtype;
+use crate::pow::params::limits::MAX_VOCAB;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// Values numpy's pairwise sum adds in one leaf (`PAIRWISE_BLOCK` in the kernel).
+const PAIRWISE_BLOCK: usize = 128;
+
+/// The explicit stack of `tail_distance`'s pairwise sums, in levels (`PAIRWISE_MAX_DEPTH`
+/// in `kernels/tail.cu`): what the deepest length up to [`MAX_VOCAB`] needs
+/// ([`pairwise_stack_levels`]; a test checks the two agree).
+pub const PAIRWISE_MAX_DEPTH: usize = 15;
+
+/// Stack levels the pairwise sum of `n` values uses: one for a leaf (up to
+/// [`PAIRWISE_BLOCK`] values), else one more than the deeper of its halves (the left half
+/// `n / 2` rounded down to a multiple of 8, the right half the rest), as the kernel splits.
+pub fn pairwise_stack_levels(n: usize) -> usize {
+    if n <= PAIRWISE_BLOCK {
+        return 1;
+    }
+    let left = n / 2 - (n / 2) % 8;
+    1 + pairwise_stack_levels(left).max(pairwise_stack_levels(n - left))
+}
 
 /// `o[b, j] = logits[b, perm[b, j]]` as f32 (`perm`: i64, `batch * vocab` values).
 pub(crate) fn gather(
@@ -45,6 +65,12 @@ pub(crate) fn distance(
 ) -> Result<(), BackendError> {
     if batch == 0 {
         return Ok(());
+    }
+    if vocab > MAX_VOCAB as usize {
+        // The kernel's stack holds the recursion of lengths up to MAX_VOCAB only.
+        return Err(BackendError::Unsupported(format!(
+            "params.vocab_size: {vocab} is more than the GPU tail's limit of {MAX_VOCAB}"
+        )));
     }
     let o = o.check(gpu, "tail_distance o", Elem::F32, batch * vocab)?;
     let target = target.check(gpu, "tail_distance target", Elem::F64, vocab)?;
@@ -110,4 +136,36 @@ pub(crate) fn filter(
     // index and valid_dist room for batch entries, count one int, on this GPU (checked
     // above).
     unsafe { gpu.run(&mut a, "tail_filter", cfg) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_distance_kernels_stack_fits_every_vocab_up_to_the_limit() {
+        // Levels of every length up to the limit, shortest first (each length's halves are
+        // shorter, so they are known when it is reached).
+        let limit = MAX_VOCAB as usize;
+        let mut levels = vec![1u8; limit + 1];
+        for n in PAIRWISE_BLOCK + 1..=limit {
+            let left = n / 2 - (n / 2) % 8;
+            levels[n] = 1 + levels[left].max(levels[n - left]);
+        }
+        let deepest = (0..=limit)
+            .max_by_key(|&n| (levels[n], usize::MAX - n))
+            .unwrap();
+        assert_eq!(usize::from(levels[deepest]), PAIRWISE_MAX_DEPTH);
+        assert_eq!(deepest, 983_049);
+        assert_eq!(pairwise_stack_levels(deepest), PAIRWISE_MAX_DEPTH);
+        for n in [0, 1, 128, 129, 8196, limit] {
+            assert_eq!(pairwise_stack_levels(n), usize::from(levels[n]), "{n}");
+        }
+        // The kernel's stack is exactly that deep.
+        let src = crate::backend::cuda::kernels::Family::Tail.source();
+        let line = format!("#define PAIRWISE_MAX_DEPTH {PAIRWISE_MAX_DEPTH}\n");
+        assert!(src.contains(&line), "kernels/tail.cu: no {line:?}");
+        let block = format!("#define PAIRWISE_BLOCK {PAIRWISE_BLOCK}\n");
+        assert!(src.contains(&block), "kernels/tail.cu: no {block:?}");
+    }
 }
