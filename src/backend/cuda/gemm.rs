@@ -18,6 +18,14 @@
 //! (lda = k) taken transposed (`op(A) = [n, k]`), `B = x^T` is column-major `[k, m]`
 //! (ldb = x_stride) taken as is. `C = op(A) * B` is then `[n, m]`, which is `dst` row-major.
 //!
+//! cuBLASLt documents 32-bit dimensions, and products whose matrices span 2^31 elements or
+//! more are known to fail; PARAMS_V2's w1 and w3 outputs (49152 values a row, 256 rows a
+//! nonce) reach 2^31 elements at 171 nonces. A product any of whose matrices would span
+//! [`MAX_SPAN`] elements or more is enqueued as [`pieces`]: bands of rows (and, for a weight
+//! that alone spans that much, bands of its rows too), each a product of its own below the
+//! limit. Every output element is still one f32 sum over k rounded once; which rows share a
+//! call changes nothing of the arithmetic.
+//!
 //! cudarc's safe `Matmul` rebuilds the descriptors and asks the heuristic on every call (and
 //! uses TF32 for f32). Here a [`Plan`] (descriptor, layouts and the heuristic's algorithm) is
 //! built on the first call of a shape and cached, so a call is one `cublasLtMatmul` enqueue,
@@ -180,6 +188,97 @@ fn alignment(ptr: u64) -> u32 {
     }
 }
 
+/// The bound on the elements one matrix of a single cuBLASLt call may span: each of `x`,
+/// `w` and `dst` spans fewer than this (2^31) in every call.
+pub const MAX_SPAN: usize = 1 << 31;
+
+/// One piece of a product (see [`pieces`]): a product of its own, and where its matrices
+/// start inside the whole product's, in elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    /// Rows `row0 .. row0 + shape.m` of `x` and `dst`, output columns (rows of `w`)
+    /// `col0 .. col0 + shape.n`; `k` and `x_stride` as in the whole product.
+    pub shape: GemmShape,
+    pub row0: usize,
+    pub col0: usize,
+    /// Elements from one row of the piece's output to the next: the whole product's n.
+    pub dst_stride: usize,
+}
+
+impl Piece {
+    /// Where the piece's `x` starts, in elements of `x`.
+    pub fn x_offset(&self) -> usize {
+        self.row0 * self.shape.x_stride
+    }
+
+    /// Where the piece's `w` starts, in elements of `w` (rows of k).
+    pub fn w_offset(&self) -> usize {
+        self.col0 * self.shape.k
+    }
+
+    /// Where the piece's `dst` starts, in elements of `dst`.
+    pub fn dst_offset(&self) -> usize {
+        self.row0 * self.dst_stride + self.col0
+    }
+
+    /// Elements the piece's `x`, `w` and `dst` span.
+    pub fn spans(&self) -> (usize, usize, usize) {
+        let GemmShape {
+            m, n, k, x_stride, ..
+        } = self.shape;
+        ((m - 1) * x_stride + k, n * k, (m - 1) * self.dst_stride + n)
+    }
+}
+
+/// `shape` cut into pieces whose matrices each span fewer than `limit` elements
+/// ([`MAX_SPAN`] for cuBLASLt): bands of whole rows of `x` and `dst`, as many rows a band as
+/// the limit allows; and, only when the weight alone spans `limit` or more, bands of its
+/// rows (output columns) as well. Row-major order of (row band, column band); one piece when
+/// the product fits.
+pub fn pieces(shape: &GemmShape, limit: usize) -> Result<Vec<Piece>, GemmError> {
+    shape.validate()?;
+    let GemmShape {
+        m, n, k, x_stride, ..
+    } = *shape;
+    if shape.is_empty() {
+        return Ok(Vec::new());
+    }
+    if k >= limit {
+        return Err(GemmError::Shape {
+            shape: *shape,
+            reason: format!("one row of k values spans {limit} elements or more"),
+        });
+    }
+    // Columns a band: all of them when the weight fits, else as many rows of w as fit,
+    // rounded down to a multiple of 16 (FP8 products need n a multiple of 16, and so does
+    // every band of one), at least one.
+    let cols = if n.saturating_mul(k) < limit {
+        n
+    } else {
+        ((limit - 1) / k / 16 * 16).max(1)
+    };
+    // Rows a band: (rows - 1) * x_stride + k and (rows - 1) * n + cols below the limit.
+    let by_x = (limit - 1 - k) / x_stride + 1;
+    let by_dst = (limit - 1 - cols) / n + 1;
+    let rows = by_x.min(by_dst).min(m);
+    let mut out = Vec::with_capacity(m.div_ceil(rows) * n.div_ceil(cols));
+    for row0 in (0..m).step_by(rows) {
+        for col0 in (0..n).step_by(cols) {
+            out.push(Piece {
+                shape: GemmShape {
+                    m: rows.min(m - row0),
+                    n: cols.min(n - col0),
+                    ..*shape
+                },
+                row0,
+                col0,
+                dst_stride: n,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// What a plan is built for: the shape, and how aligned the three matrices' addresses are.
 /// cuBLASLt's heuristic assumes 256-byte aligned addresses unless told otherwise, and an
 /// algorithm picked under that assumption may refuse (or misread) a less aligned matrix,
@@ -188,6 +287,9 @@ fn alignment(ptr: u64) -> u32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PlanKey {
     shape: GemmShape,
+    /// ldc: elements from one output row to the next (n, or the whole product's n for a
+    /// piece of a product split by columns).
+    dst_stride: usize,
     /// E4M3 inputs (`w` and `x`) with per-tensor scales, output in the shape's dtype.
     fp8: bool,
     /// Alignment in bytes of `w` (cuBLASLt's A), `x` (B) and `dst` (C and D).
@@ -237,8 +339,8 @@ struct Plan {
     a: Layout,
     /// `x^T`: column-major `[k, m]`, ldb = x_stride.
     b: Layout,
-    /// `dst^T`: column-major `[n, m]`, ldc = n; C and D are the same matrix (beta is 0, so C
-    /// is never read).
+    /// `dst^T`: column-major `[n, m]`, ldc = the key's dst_stride (n unless a piece); C and D
+    /// are the same matrix (beta is 0, so C is never read).
     c: Layout,
     /// The heuristic's first algorithm, copied out of its result.
     algo: sys::cublasLtMatmulAlgo_t,
@@ -312,7 +414,7 @@ impl Plan {
         };
         let a = layout(input_type, k, n, k)?;
         let b = layout(input_type, k, m, x_stride)?;
-        let c = layout(data_type(dtype), n, m, n)?;
+        let c = layout(data_type(dtype), n, m, key.dst_stride)?;
 
         let pref = lt::create_matmul_pref()
             .map(Preference)
@@ -447,6 +549,21 @@ fn set_scales(desc: &MatmulDesc, shape: GemmShape, (a, b): (u64, u64)) -> Result
     Ok(())
 }
 
+/// The device addresses of `piece`'s `(dst, x, w)` inside the whole product's, with `x` and
+/// `w` of `in_elem` bytes an element and `dst` of `out_elem`.
+fn piece_addresses(
+    piece: &Piece,
+    (dst, x, w): (u64, u64, u64),
+    in_elem: usize,
+    out_elem: usize,
+) -> (u64, u64, u64) {
+    (
+        dst + (piece.dst_offset() * out_elem) as u64,
+        x + (piece.x_offset() * in_elem) as u64,
+        w + (piece.w_offset() * in_elem) as u64,
+    )
+}
+
 /// Whether libcublasLt can be loaded. cudarc panics on the first call into a library it
 /// cannot find, so this comes before any call into cuBLASLt.
 fn ensure_library() -> Result<(), GemmError> {
@@ -527,7 +644,8 @@ impl Gemm {
     }
 
     /// Enqueues `dst = x * w^T` on the stream (see the module documentation), rounded to the
-    /// shape's dtype. Products with no output element (m or n is 0) do nothing.
+    /// shape's dtype, in [`pieces`] below [`MAX_SPAN`]. Products with no output element (m or
+    /// n is 0) do nothing.
     ///
     /// Plans (descriptors, layouts, the heuristic's first algorithm) are built on the first
     /// call of a shape and cached.
@@ -547,27 +665,33 @@ impl Gemm {
         if shape.is_empty() {
             return Ok(());
         }
-        shape.validate()?;
-        let key = PlanKey {
-            shape,
-            fp8: false,
-            align_w: alignment(w),
-            align_x: alignment(x),
-            align_dst: alignment(dst),
-        };
-        let elem = element_bytes(shape.dtype) as u32;
-        if key.align_w.min(key.align_x).min(key.align_dst) < elem {
-            return Err(GemmError::Shape {
-                shape,
-                reason: format!(
-                    "a pointer is not aligned to the {elem}-byte element \
-                     (dst {dst:#x}, x {x:#x}, w {w:#x})"
-                ),
-            });
+        let elem = element_bytes(shape.dtype);
+        for piece in pieces(&shape, MAX_SPAN)? {
+            let (dst, x, w) = piece_addresses(&piece, (dst, x, w), elem, elem);
+            let key = PlanKey {
+                shape: piece.shape,
+                dst_stride: piece.dst_stride,
+                fp8: false,
+                align_w: alignment(w),
+                align_x: alignment(x),
+                align_dst: alignment(dst),
+            };
+            if key.align_w.min(key.align_x).min(key.align_dst) < elem as u32 {
+                return Err(GemmError::Shape {
+                    shape,
+                    reason: format!(
+                        "a pointer is not aligned to the {elem}-byte element \
+                         (dst {dst:#x}, x {x:#x}, w {w:#x})"
+                    ),
+                });
+            }
+            // SAFETY: the piece's matrices lie inside the caller's (its rows and columns
+            // are inside the whole product's, and its offsets are the whole product's
+            // strides times its first row and column), so the caller's guarantees cover
+            // them; no scales for 16/32-bit inputs.
+            unsafe { self.enqueue(key, dst, x, w, None) }?;
         }
-
-        // SAFETY: forwarded from the caller's guarantees; no scales for 16/32-bit inputs.
-        unsafe { self.enqueue(key, dst, x, w, None) }
+        Ok(())
     }
 
     /// Enqueues `dst = round_T((x_scale * x8) * (w_scale * w8)^T)`: the FP8 (E4M3) path of
@@ -595,20 +719,27 @@ impl Gemm {
         }
         check_fp8_shape(&shape)?;
         let bad = |reason: String| Err(GemmError::Shape { shape, reason });
-        let key = PlanKey {
-            shape,
-            fp8: true,
-            align_w: alignment(w8),
-            align_x: alignment(x8),
-            align_dst: alignment(dst),
-        };
-        if key.align_w.min(key.align_x) < 16 || key.align_dst < element_bytes(shape.dtype) as u32 {
-            return bad(format!(
-                "FP8 inputs must be 16-byte aligned (dst {dst:#x}, x {x8:#x}, w {w8:#x})"
-            ));
+        let out_elem = element_bytes(shape.dtype);
+        for piece in pieces(&shape, MAX_SPAN)? {
+            let (dst, x8, w8) = piece_addresses(&piece, (dst, x8, w8), 1, out_elem);
+            let key = PlanKey {
+                shape: piece.shape,
+                dst_stride: piece.dst_stride,
+                fp8: true,
+                align_w: alignment(w8),
+                align_x: alignment(x8),
+                align_dst: alignment(dst),
+            };
+            if key.align_w.min(key.align_x) < 16 || key.align_dst < out_elem as u32 {
+                return bad(format!(
+                    "FP8 inputs must be 16-byte aligned (dst {dst:#x}, x {x8:#x}, w {w8:#x})"
+                ));
+            }
+            // SAFETY: as in `linear`, the piece lies inside the caller's matrices, which the
+            // caller's guarantees cover; the scales are per tensor, the same for every piece.
+            unsafe { self.enqueue(key, dst, x8, w8, Some((w_scale, x_scale))) }?;
         }
-        // SAFETY: forwarded from the caller's guarantees.
-        unsafe { self.enqueue(key, dst, x8, w8, Some((w_scale, x_scale))) }
+        Ok(())
     }
 
     /// Build (once) and enqueue the plan of `key`; `scales` are the device pointers of A's
@@ -801,6 +932,160 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("NOT_SUPPORTED"), "{text}");
+    }
+
+    /// The CPU twin of one piece: each output element one f32 sum over k in order, rounded
+    /// to the dtype, read and written through the piece's own offsets and strides (as the GPU
+    /// path addresses them), inside slices of exactly the piece's spans.
+    fn twin(dtype: Dtype, piece: &Piece, x: &[f32], w: &[f32], dst: &mut [f32]) {
+        let (x_span, w_span, dst_span) = piece.spans();
+        let x = &x[piece.x_offset()..piece.x_offset() + x_span];
+        let w = &w[piece.w_offset()..piece.w_offset() + w_span];
+        let dst = &mut dst[piece.dst_offset()..piece.dst_offset() + dst_span];
+        let GemmShape {
+            m, n, k, x_stride, ..
+        } = piece.shape;
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0f32;
+                for l in 0..k {
+                    acc += x[i * x_stride + l] * w[j * k + l];
+                }
+                dst[i * piece.dst_stride + j] = dtype.round(acc);
+            }
+        }
+    }
+
+    fn product_by_pieces(
+        dtype: Dtype,
+        shape: &GemmShape,
+        limit: usize,
+        x: &[f32],
+        w: &[f32],
+    ) -> Vec<f32> {
+        let mut dst = vec![f32::NAN; shape.m * shape.n];
+        let pieces = pieces(shape, limit).unwrap();
+        for p in &pieces {
+            let (a, b, c) = p.spans();
+            assert!(
+                a < limit && b < limit && c < limit,
+                "{p:?} spans {a}, {b}, {c}"
+            );
+        }
+        for p in pieces {
+            twin(dtype, &p, x, w, &mut dst);
+        }
+        dst
+    }
+
+    #[test]
+    fn split_products_give_the_unsplit_products_bits() {
+        let mut rng = crate::splitmix::SplitMix64(11);
+        let mut split = 0;
+        for case in 0..400 {
+            let dtype = Dtype::ALL[case % 3];
+            let m = 1 + (rng.next_u64() % 23) as usize;
+            let n = 1 + (rng.next_u64() % 40) as usize;
+            let k = 1 + (rng.next_u64() % 9) as usize;
+            let x_stride = k + (rng.next_u64() % 3) as usize * 5;
+            let limit = k + 1 + (rng.next_u64() % 300) as usize;
+            let shape = GemmShape {
+                dtype,
+                m,
+                n,
+                k,
+                x_stride,
+            };
+            let value = |r: &mut crate::splitmix::SplitMix64| dtype.round((r.unit() - 0.5) as f32);
+            let x: Vec<f32> = (0..(m - 1) * x_stride + k)
+                .map(|_| value(&mut rng))
+                .collect();
+            let w: Vec<f32> = (0..n * k).map(|_| value(&mut rng)).collect();
+            let whole = product_by_pieces(dtype, &shape, usize::MAX, &x, &w);
+            assert_eq!(pieces(&shape, usize::MAX).unwrap().len(), 1);
+            let parts = product_by_pieces(dtype, &shape, limit, &x, &w);
+            assert!(
+                parts.iter().all(|v| !v.is_nan()),
+                "{shape} limit {limit}: unwritten"
+            );
+            assert_eq!(
+                whole.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                parts.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{shape} limit {limit}"
+            );
+            split += usize::from(pieces(&shape, limit).unwrap().len() > 1);
+        }
+        // Most cases were really cut, by rows and by columns.
+        assert!(split > 200, "{split}");
+        let by_columns = pieces(
+            &GemmShape {
+                dtype: Dtype::F16,
+                m: 3,
+                n: 40,
+                k: 2,
+                x_stride: 2,
+            },
+            50,
+        )
+        .unwrap();
+        assert!(by_columns.iter().any(|p| p.col0 > 0), "{by_columns:?}");
+        assert!(by_columns
+            .iter()
+            .all(|p| p.shape.n % 16 == 0 || p.col0 + p.shape.n == 40));
+    }
+
+    #[test]
+    fn v2_ffn_products_split_into_row_bands_below_2_31() {
+        let p = crate::pow::params::Params::v2();
+        let (dim, hidden, seq) = (p.dim_usize(), p.ffn_hidden(), p.seq_len_usize());
+        let w1 = |batch: usize| GemmShape {
+            dtype: Dtype::F16,
+            m: batch * seq,
+            n: hidden,
+            k: dim,
+            x_stride: dim,
+        };
+        // Up to 170 nonces the output spans fewer than 2^31 elements: one call.
+        assert!(170 * seq * hidden < MAX_SPAN && 171 * seq * hidden >= MAX_SPAN);
+        assert_eq!(pieces(&w1(170), MAX_SPAN).unwrap().len(), 1);
+        // From 171 nonces on, bands of 43,690 rows (170.7 nonces), whole rows each.
+        for batch in [171, 342, 512] {
+            let shape = w1(batch);
+            let bands = pieces(&shape, MAX_SPAN).unwrap();
+            assert_eq!(bands.len(), (batch * seq).div_ceil(43_690), "batch {batch}");
+            let mut next = 0;
+            for b in &bands {
+                assert_eq!((b.row0, b.col0, b.shape.n), (next, 0, hidden));
+                let (x, w, dst) = b.spans();
+                assert!(x < MAX_SPAN && w < MAX_SPAN && dst < MAX_SPAN, "{b:?}");
+                next += b.shape.m;
+            }
+            assert_eq!(next, batch * seq);
+        }
+        // w2 reads the FFN's widest input: its x spans hidden values a row.
+        let w2 = GemmShape {
+            dtype: Dtype::F16,
+            m: 342 * seq,
+            n: dim,
+            k: hidden,
+            x_stride: hidden,
+        };
+        let bands = pieces(&w2, MAX_SPAN).unwrap();
+        assert_eq!(bands.len(), 3);
+        assert!(bands.iter().all(|b| b.spans().0 < MAX_SPAN));
+        // A weight that alone spans 2^31 elements is cut by its rows, in multiples of 16.
+        let huge = GemmShape {
+            dtype: Dtype::Bf16,
+            m: 4,
+            n: 1 << 17,
+            k: 1 << 14,
+            x_stride: 1 << 14,
+        };
+        let bands = pieces(&huge, MAX_SPAN).unwrap();
+        assert!(bands.len() >= 2);
+        assert!(bands
+            .iter()
+            .all(|b| b.shape.n % 16 == 0 && b.spans().1 < MAX_SPAN));
     }
 
     #[test]
