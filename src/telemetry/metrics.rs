@@ -7,8 +7,10 @@ use prometheus::{
     exponential_buckets, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use serde::Serialize;
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The window over which `llama_pow_nonces_per_second` is averaged.
@@ -35,6 +37,72 @@ impl JobState {
             JobState::Computing => "computing",
         }
     }
+}
+
+/// What CUDA graphs did (see `backend::cuda::graphs`): launch sequences captured, graphs
+/// replayed, batches run directly because their size's capture failed, and graphs dropped
+/// because their scratch buffers were reallocated. Each GPU group keeps its own and adds to
+/// the process's ([`cuda_graph_counters`]), which /metrics and the bench report.
+#[derive(Debug, Default)]
+pub struct GraphCounters {
+    captures: AtomicU64,
+    replays: AtomicU64,
+    fallbacks: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// A reading of [`GraphCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct GraphCounts {
+    pub captures: u64,
+    pub replays: u64,
+    pub fallbacks: u64,
+    pub dropped: u64,
+}
+
+impl GraphCounts {
+    /// What happened between `earlier` and this reading.
+    pub fn since(self, earlier: GraphCounts) -> GraphCounts {
+        GraphCounts {
+            captures: self.captures.saturating_sub(earlier.captures),
+            replays: self.replays.saturating_sub(earlier.replays),
+            fallbacks: self.fallbacks.saturating_sub(earlier.fallbacks),
+            dropped: self.dropped.saturating_sub(earlier.dropped),
+        }
+    }
+}
+
+impl GraphCounters {
+    pub fn capture(&self) {
+        self.captures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn replay(&self) {
+        self.replays.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn fallback(&self) {
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn dropped(&self, graphs: usize) {
+        self.dropped.fetch_add(graphs as u64, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> GraphCounts {
+        GraphCounts {
+            captures: self.captures.load(Ordering::Relaxed),
+            replays: self.replays.load(Ordering::Relaxed),
+            fallbacks: self.fallbacks.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The process's CUDA graph counters.
+pub fn cuda_graph_counters() -> &'static GraphCounters {
+    static COUNTERS: OnceLock<GraphCounters> = OnceLock::new();
+    COUNTERS.get_or_init(GraphCounters::default)
 }
 
 /// Every metric the server exposes. Cheap to record into from any thread.
@@ -68,6 +136,8 @@ pub struct Metrics {
     gpu_temperature: GaugeVec,
     gpu_sm_clock: GaugeVec,
     gpu_memory_clock: GaugeVec,
+    /// The process's [`cuda_graph_counters`], as of the last render.
+    cuda_graphs: IntCounterVec,
     /// (when, nonces) of the batches of the last [`RATE_WINDOW`].
     recent: Mutex<VecDeque<(Instant, u64)>>,
 }
@@ -263,6 +333,14 @@ impl Metrics {
             ),
             gpu_sm_clock: gpu_gauge(r, "llama_pow_gpu_sm_clock_mhz", "GPU SM clock"),
             gpu_memory_clock: gpu_gauge(r, "llama_pow_gpu_memory_clock_mhz", "GPU memory clock"),
+            cuda_graphs: counter_vec(
+                r,
+                "llama_pow_cuda_graphs_total",
+                "CUDA graph events (--cuda-graphs): launch sequences captured, graphs replayed, \
+                 batches run directly because their capture failed (fallback), graphs dropped \
+                 when their scratch buffers were reallocated",
+                &["event"],
+            ),
             recent: Mutex::new(VecDeque::new()),
             registry,
         }
@@ -374,6 +452,17 @@ impl Metrics {
     /// Everything as Prometheus text (format 0.0.4), with these GPU readings.
     pub fn render(&self, gpus: &[GpuSample]) -> String {
         self.nonces_per_second.set(self.nonces_per_second());
+        let graphs = cuda_graph_counters().snapshot();
+        for (event, now) in [
+            ("capture", graphs.captures),
+            ("replay", graphs.replays),
+            ("fallback", graphs.fallbacks),
+            ("dropped", graphs.dropped),
+        ] {
+            let c = self.cuda_graphs.with_label_values(&[event]);
+            // The process's counters only grow: catch up with them.
+            c.inc_by(now.saturating_sub(c.get()));
+        }
         self.gpus.set(gpus.len() as i64);
         let all = [
             &self.gpu_memory_used,
@@ -453,11 +542,42 @@ mod tests {
         assert!(text.contains("llama_pow_gpu_power_watts{gpu=\"0\",name=\"Test GPU\"} 300.5"));
         assert!(text.contains("llama_pow_orchestrator_errors_total{call=\"heartbeat\"} 1"));
         assert!(text.contains("llama_pow_gpus 1"));
+        for event in ["capture", "replay", "fallback", "dropped"] {
+            let line = format!("llama_pow_cuda_graphs_total{{event=\"{event}\"}} ");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
         assert!(m.nonces_per_second() > 0.0);
         m.job_state(Some(JobState::Computing), None);
         let text = m.render(&[]);
         assert!(text.contains("llama_pow_job_state{state=\"idle\"} 1"));
         assert!(!text.contains("llama_pow_gpu_power_watts{"));
         assert!(text.contains("llama_pow_gpus 0"));
+    }
+}
+
+#[cfg(test)]
+mod graph_tests {
+    use super::*;
+
+    #[test]
+    fn graph_counters_count_and_subtract() {
+        let c = GraphCounters::default();
+        let before = c.snapshot();
+        c.capture();
+        c.replay();
+        c.replay();
+        c.fallback();
+        c.dropped(3);
+        let d = c.snapshot().since(before);
+        assert_eq!(
+            d,
+            GraphCounts {
+                captures: 1,
+                replays: 2,
+                fallbacks: 1,
+                dropped: 3
+            }
+        );
+        assert_eq!(before.since(c.snapshot()), GraphCounts::default());
     }
 }

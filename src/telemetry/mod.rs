@@ -8,4 +8,4 @@ pub mod sku;
 pub mod system;
 
 pub use gpu::{GpuMonitor, GpuSample};
-pub use metrics::{JobState, Metrics};
+pub use metrics::{cuda_graph_counters, GraphCounters, GraphCounts, JobState, Metrics};

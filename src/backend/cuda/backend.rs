@@ -4,6 +4,7 @@
 
 use super::forward::{self, TailOutput};
 use super::gpu::{Gpu, GpuError};
+use super::graphs::GroupGraphCounters;
 use super::model::{self, GpuModel, RESERVE_BYTES};
 use super::GpuInfo;
 use crate::backend::{
@@ -19,6 +20,8 @@ pub struct CudaBackend {
     gpus: Vec<Arc<Gpu>>,
     /// Replay each batch size's launch sequence as a captured CUDA graph (`--cuda-graphs`).
     graphs: bool,
+    /// What the graphs did on this group.
+    graph_counters: GroupGraphCounters,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -39,6 +42,7 @@ impl CudaBackend {
         CudaBackend {
             gpus,
             graphs: false,
+            graph_counters: GroupGraphCounters::default(),
         }
     }
 
@@ -51,6 +55,16 @@ impl CudaBackend {
 
     pub fn gpus(&self) -> &[Arc<Gpu>] {
         &self.gpus
+    }
+
+    /// What CUDA graphs did on this group so far.
+    pub fn graph_counts(&self) -> crate::telemetry::GraphCounts {
+        self.graph_counters.snapshot()
+    }
+
+    /// The graph counters to pass to the forward pass: None with graphs off.
+    fn graphs(&self) -> Option<&GroupGraphCounters> {
+        self.graphs.then_some(&self.graph_counters)
     }
 
     fn model<'a>(&self, model: &'a Model) -> Result<&'a GpuModel, BackendError> {
@@ -182,10 +196,10 @@ impl Backend for CudaBackend {
         if batch == 0 {
             return Ok(Vec::new());
         }
-        let mut scratch = m.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        forward::ensure_scratch(m, &mut scratch, batch)?;
-        forward::forward_logits(m, &scratch, inputs, batch, self.graphs)?;
-        forward::logits_to_host(m, &scratch, batch)
+        let mut state = m.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        forward::ensure_scratch(m, &mut state, batch, &self.graph_counters)?;
+        forward::forward_logits(m, &mut state, inputs, batch, self.graphs())?;
+        forward::logits_to_host(m, &state.stages, batch)
     }
 
     fn run_batch(
@@ -200,17 +214,17 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(BatchResult::empty());
         }
-        let mut scratch = m.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        forward::ensure_scratch(m, &mut scratch, n)?;
+        let mut state = m.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        forward::ensure_scratch(m, &mut state, n, &self.graph_counters)?;
         // Queue the forward pass first: the permutations are laid out on the host while the
         // GPUs work.
-        forward::forward_logits(m, &scratch, &batch.inputs, n, self.graphs)?;
+        forward::forward_logits(m, &mut state, &batch.inputs, n, self.graphs())?;
         let vocab = m.params.vocab_usize();
         let mut perm = Vec::with_capacity(n * vocab);
         for p in &batch.permutations {
             perm.extend_from_slice(p);
         }
-        match forward::tail_on_device(m, &scratch, &perm, n, job.r_target, all_distances)? {
+        match forward::tail_on_device(m, &state.stages, &perm, n, job.r_target, all_distances)? {
             TailOutput::All(dist) => Ok(BatchResult::from_distances(
                 batch.nonces,
                 dist,

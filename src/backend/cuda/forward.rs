@@ -13,11 +13,12 @@
 
 use super::gemm::GemmShape;
 use super::gpu::{DevBuf, DevView, Elem, Gpu};
+use super::graphs::{GraphStep, GroupGraphCounters};
 use super::launch::attention::AttnShape;
 use super::launch::fp8::E4m3Out;
 use super::launch::tail::FilterOut;
 use super::launch::{attention, elementwise, fp8, rmsnorm, rope, tail};
-use super::model::{GpuLayer, GpuModel, Stage, StageScratch, Weight};
+use super::model::{ForwardState, GpuLayer, GpuModel, Stage, StageScratch, Weight};
 use crate::backend::BackendError;
 use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
@@ -318,14 +319,16 @@ fn disjoint(what: &str, dst: DevView<'_>, inputs: &[DevView<'_>]) -> Result<(), 
     }
 }
 
-/// Make sure every stage has scratch buffers for `batch` nonces.
+/// Make sure every stage has scratch buffers for `batch` nonces. Reallocating them drops
+/// the graphs captured on the old ones (counted in `counters`).
 pub fn ensure_scratch(
     model: &GpuModel,
-    scratch: &mut Vec<StageScratch>,
+    state: &mut ForwardState,
     batch: usize,
+    counters: &GroupGraphCounters,
 ) -> Result<(), BackendError> {
     let n = model.stages.len();
-    if scratch.len() == n && scratch.iter().all(|s| s.capacity >= batch) {
+    if state.stages.len() == n && state.stages.iter().all(|s| s.capacity >= batch) {
         return Ok(());
     }
     // Free the old buffers (and the graphs that use them) before asking for the larger
@@ -333,7 +336,8 @@ pub fn ensure_scratch(
     for stage in &model.stages {
         stage.gpu.sync()?;
     }
-    scratch.clear();
+    counters.dropped(state.graphs.drop_graphs());
+    state.stages.clear();
     for stage in &model.stages {
         stage.gpu.sync()?;
     }
@@ -344,7 +348,7 @@ pub fn ensure_scratch(
         .min(model.max_batch_holding(&[]).unwrap_or(batch))
         .max(batch);
     for (i, stage) in model.stages.iter().enumerate() {
-        scratch.push(StageScratch::new(
+        state.stages.push(StageScratch::new(
             &stage.gpu,
             &model.params,
             model.dtype,
@@ -360,15 +364,15 @@ pub fn ensure_scratch(
 /// in the model dtype), leaving the last position's logits in the last stage's
 /// `tail.logits` (dtype, `batch * vocab`). The scratch must hold `batch` nonces.
 ///
-/// With `graphs` (and a single GPU), the launch sequence after the inputs' copy is captured
-/// once per batch size into a CUDA graph and replayed: one launch instead of a few thousand.
-/// A sequence that cannot be captured runs as it is, and is not tried again.
+/// With `graphs` (and a single GPU), the launch sequence after the inputs' copy runs as a
+/// CUDA graph where [`GraphBook`](super::graphs::GraphBook) says so: directly the first time
+/// a batch size comes, captured the second, replayed after that.
 pub fn forward_logits(
     model: &GpuModel,
-    scratch: &[StageScratch],
+    state: &mut ForwardState,
     inputs: &[f32],
     batch: usize,
-    graphs: bool,
+    graphs: Option<&GroupGraphCounters>,
 ) -> Result<(), BackendError> {
     let d = Dims::of(&model.params);
     let m = batch * d.seq;
@@ -378,57 +382,78 @@ pub fn forward_logits(
         "inputs must hold batch * seq_len * dim values"
     );
     let first = &model.stages[0];
-    let staged = scratch[0]
+    let staged = state.stages[0]
         .inputs
         .as_ref()
         .expect("the first stage has an input buffer");
     first.gpu.copy_in(inputs, staged.view())?;
-    if graphs && model.stages.len() == 1 {
-        replay_or_capture(model, scratch, batch)
-    } else {
-        queue_forward(model, scratch, batch)
+    match graphs {
+        Some(counters) if model.stages.len() == 1 => run_with_graphs(model, state, batch, counters),
+        _ => queue_forward(model, &state.stages, batch),
     }
 }
 
-/// Launch the captured graph of `batch`, capturing it first when there is none yet.
-fn replay_or_capture(
+/// The launch sequence of `batch` as its [`GraphStep`] says: directly, captured then
+/// launched, or replayed.
+fn run_with_graphs(
     model: &GpuModel,
-    scratch: &[StageScratch],
+    state: &mut ForwardState,
     batch: usize,
+    counters: &GroupGraphCounters,
 ) -> Result<(), BackendError> {
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let gpu = &*model.stages[0].gpu;
-    let mut graphs = scratch[0].graphs.lock().unwrap_or_else(|e| e.into_inner());
-    match graphs.get(&batch) {
-        Some(Some(g)) => return g.0.launch().map_err(|e| gpu.err("launching the graph", e)),
-        Some(None) => return queue_forward(model, scratch, batch),
-        None => {}
-    }
-    gpu.stream
-        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-        .map_err(|e| gpu.err("starting a graph capture", e))?;
-    let queued = queue_forward(model, scratch, batch);
-    let captured = gpu.stream.end_capture(CUgraphInstantiate_flags(0));
-    match (queued, captured) {
-        (Ok(()), Ok(Some(g))) => {
-            g.launch().map_err(|e| gpu.err("launching the graph", e))?;
-            graphs.insert(batch, Some(SendGraph(g)));
+    match state.graphs.step(batch) {
+        GraphStep::Replay => {
+            let graph = state
+                .graphs
+                .graph(batch)
+                .expect("a size to replay has a graph");
+            graph
+                .0
+                .launch()
+                .map_err(|e| gpu.err("launching the graph", e))?;
+            counters.replay();
             Ok(())
         }
-        (queued, captured) => {
-            let why = match (&queued, &captured) {
-                (Err(e), _) => e.to_string(),
-                (_, Err(e)) => e.to_string(),
-                _ => "the capture was empty".to_string(),
-            };
-            tracing::warn!(
-                "{}: batches of {batch} run without a CUDA graph: {why}",
-                gpu.info.device_name()
-            );
-            graphs.insert(batch, None);
-            // Nothing captured ran: queue it for real.
-            gpu.sync()?;
-            queue_forward(model, scratch, batch)
+        GraphStep::Direct => {
+            if state.graphs.has_failed(batch) {
+                counters.fallback();
+            }
+            queue_forward(model, &state.stages, batch)?;
+            state.graphs.ran_direct(batch);
+            Ok(())
+        }
+        GraphStep::Capture => {
+            gpu.stream
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                .map_err(|e| gpu.err("starting a graph capture", e))?;
+            let queued = queue_forward(model, &state.stages, batch);
+            let captured = gpu.stream.end_capture(CUgraphInstantiate_flags(0));
+            match (queued, captured) {
+                (Ok(()), Ok(Some(g))) => {
+                    g.launch().map_err(|e| gpu.err("launching the graph", e))?;
+                    state.graphs.captured(batch, SendGraph(g));
+                    counters.capture();
+                    Ok(())
+                }
+                (queued, captured) => {
+                    let why = match (&queued, &captured) {
+                        (Err(e), _) => e.to_string(),
+                        (_, Err(e)) => e.to_string(),
+                        _ => "the capture was empty".to_string(),
+                    };
+                    tracing::warn!(
+                        "{}: batches of {batch} run without a CUDA graph: {why}",
+                        gpu.info.device_name()
+                    );
+                    state.graphs.capture_failed(batch);
+                    counters.fallback();
+                    // Nothing captured ran: queue it for real.
+                    gpu.sync()?;
+                    queue_forward(model, &state.stages, batch)
+                }
+            }
         }
     }
 }
@@ -437,7 +462,7 @@ fn replay_or_capture(
 pub struct SendGraph(pub cudarc::driver::CudaGraph);
 
 // SAFETY: a graph is a driver object that may be used from any thread, one at a time; it is
-// only ever used under its scratch buffers' mutex (and the model's scratch lock around it).
+// only ever used under the model's scratch lock, which holds it.
 unsafe impl Send for SendGraph {}
 
 impl std::fmt::Debug for SendGraph {

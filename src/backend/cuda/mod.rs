@@ -10,7 +10,8 @@
 //! [`CudaBackend`] ([`backend`]): [`gpu`] (a device brought up: context, stream, kernels,
 //! cuBLASLt; device buffers), [`launch`] (one launcher module per kernel family), [`gemm`]
 //! (the matrix products), [`model`] (weights built on the devices from the pool) and
-//! [`forward`] (the CPU backend's steps, queued on the GPU, and the tail); [`ceiling`] times
+//! [`forward`] (the CPU backend's steps, queued on the GPU, and the tail; [`graphs`] says
+//! when a batch runs as a CUDA graph); [`ceiling`] times
 //! cuBLASLt alone on the forward's products for the bench.
 
 pub mod backend;
@@ -18,6 +19,7 @@ pub mod ceiling;
 pub mod forward;
 pub mod gemm;
 pub mod gpu;
+pub mod graphs;
 pub mod groups;
 pub mod kernels;
 pub mod launch;

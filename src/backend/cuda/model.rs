@@ -12,6 +12,7 @@
 
 use super::forward::SendGraph;
 use super::gpu::{storage_bytes, DevBuf, Elem, Gpu};
+use super::graphs::GraphBook;
 use super::launch::fp8::E4m3Out;
 use super::launch::weights::fill;
 use super::launch::{elementwise, fp8};
@@ -21,7 +22,6 @@ use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
 use crate::pow::proof;
 use crate::pow::weights::{self, name_hash, param_specs, ParamKind, ParamSpec, PoolSlice};
-use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -96,9 +96,20 @@ pub struct GpuModel {
     pub dtype: Dtype,
     pub block_hash: String,
     pub stages: Vec<Stage>,
-    /// Scratch buffers, one set per stage, grown to the largest batch seen. One batch at a
-    /// time runs on a model (its worker's), the lock only makes that explicit.
-    pub scratch: Mutex<Vec<StageScratch>>,
+    /// Scratch buffers, one set per stage, grown to the largest batch seen, and the CUDA
+    /// graphs captured on them. One batch at a time runs on a model (its worker's), the lock
+    /// only makes that explicit.
+    pub scratch: Mutex<ForwardState>,
+}
+
+/// What the forward pass of a model keeps from batch to batch.
+#[derive(Debug, Default)]
+pub struct ForwardState {
+    /// One set per stage (empty until the first batch).
+    pub stages: Vec<StageScratch>,
+    /// Graphs of the single-GPU launch sequence, per batch size; they hold the scratch
+    /// buffers' addresses, so they are dropped before the buffers are reallocated.
+    pub graphs: GraphBook<SendGraph>,
 }
 
 /// The consecutive layer ranges of `n_gpus` stages: as equal as possible, the first stages
@@ -230,9 +241,6 @@ pub struct StageScratch {
     pub tail: Option<TailScratch>,
     /// FP8 models: the quantised activations of a product.
     pub fp8: Option<Fp8Scratch>,
-    /// Captured launch sequences per batch size (None: capture failed, run directly); they
-    /// hold these buffers' addresses, so they live and die with them.
-    pub graphs: Mutex<HashMap<usize, Option<SendGraph>>>,
 }
 
 /// Where a product's input is quantised to E4M3 (FP8 models).
@@ -323,7 +331,6 @@ impl StageScratch {
             } else {
                 None
             },
-            graphs: Mutex::new(HashMap::new()),
         })
     }
 }
@@ -384,7 +391,7 @@ impl GpuModel {
                 &target,
             )?);
         }
-        let scratch = Mutex::new(Vec::new());
+        let scratch = Mutex::new(ForwardState::default());
         Ok(GpuModel {
             params: params.clone(),
             dtype,
@@ -429,7 +436,7 @@ impl GpuModel {
                 .iter()
                 .enumerate()
                 .map(|(i, _)| {
-                    scratch.get(i).map_or(0, |s| {
+                    scratch.stages.get(i).map_or(0, |s| {
                         s.capacity as u64
                             * scratch_bytes_per_nonce(
                                 &self.params,
