@@ -6,6 +6,7 @@ use super::forward::{self, TailOutput};
 use super::gpu::{Gpu, GpuError};
 use super::graphs::GroupGraphCounters;
 use super::model::{self, GpuModel, RESERVE_BYTES};
+use super::peer::{self, PeerLink};
 use super::GpuInfo;
 use crate::backend::{
     downcast_model, Backend, BackendError, BatchResult, JobSpec, Model, PreparedBatch,
@@ -22,6 +23,8 @@ pub struct CudaBackend {
     graphs: bool,
     /// What the graphs did on this group.
     graph_counters: GroupGraphCounters,
+    /// How the residual crosses from each GPU to the next (one link fewer than GPUs).
+    links: Vec<PeerLink>,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -36,14 +39,29 @@ impl CudaBackend {
         Ok(Self::from_gpus(gpus))
     }
 
-    /// A group of GPUs already brought up (shared with other groupings of the same GPUs).
+    /// A group of GPUs already brought up (shared with other groupings of the same GPUs),
+    /// with peer access enabled between consecutive GPUs where the pair supports it.
     pub fn from_gpus(gpus: Vec<Arc<Gpu>>) -> Self {
         assert!(!gpus.is_empty(), "a GPU group has at least one GPU");
+        let links: Vec<PeerLink> = gpus.windows(2).map(|w| peer::link(&w[0], &w[1])).collect();
+        for (w, l) in gpus.windows(2).zip(&links) {
+            tracing::info!(
+                "{} -> {}: the residual travels {l}",
+                w[0].info.device_name(),
+                w[1].info.device_name()
+            );
+        }
         CudaBackend {
             gpus,
             graphs: false,
             graph_counters: GroupGraphCounters::default(),
+            links,
         }
+    }
+
+    /// How the residual crosses from each GPU of the group to the next.
+    pub fn peer_links(&self) -> &[PeerLink] {
+        &self.links
     }
 
     /// Capture each batch size's launch sequence into a CUDA graph and replay it (single-GPU

@@ -18,10 +18,13 @@ use super::launch::attention::AttnShape;
 use super::launch::fp8::E4m3Out;
 use super::launch::tail::FilterOut;
 use super::launch::{attention, elementwise, fp8, rmsnorm, rope, tail};
-use super::model::{ForwardState, GpuLayer, GpuModel, Stage, StageScratch, Weight};
+use super::model::{ForwardState, GpuLayer, GpuModel, Head, Stage, StageScratch, Weight};
+use super::pipeline::{self, StageStreams};
 use crate::backend::BackendError;
 use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
+use cudarc::driver::CudaEvent;
+use std::ops::Range;
 
 /// Model sizes as usize.
 #[derive(Clone, Copy)]
@@ -240,10 +243,17 @@ impl<'a> Pass<'a> {
         self.add_round(x, out, rows * dim)
     }
 
-    /// One transformer block on the residual `s.x` (`batch * seq` rows). When `last`, only
-    /// each nonce's last position is carried on, in `s.xl` (`batch` rows). Returns where the
+    /// One transformer block on the residual `x` (`batch * seq` rows). When `last`, only
+    /// each nonce's last position is carried on, in `xl` (`batch` rows). Returns where the
     /// residual is after the block.
-    fn block(&self, batch: usize, lw: &GpuLayer, last: bool) -> Result<DevView<'a>, BackendError> {
+    fn block(
+        &self,
+        x: DevView<'a>,
+        xl: DevView<'a>,
+        batch: usize,
+        lw: &GpuLayer,
+        last: bool,
+    ) -> Result<DevView<'a>, BackendError> {
         let Dims {
             dim,
             seq,
@@ -256,7 +266,6 @@ impl<'a> Pass<'a> {
         let m = batch * seq;
         let q_width = n_heads * hd;
         let kv_width = n_kv_heads * hd;
-        let x = s.x.view();
         let xn = s.xn.view();
         self.rmsnorm(x, &lw.attention_norm, xn, m)?;
         let (k, v) = (s.k.view(), s.v.view());
@@ -295,7 +304,6 @@ impl<'a> Pass<'a> {
         self.linear(proj, att, mq, q_width, q_width, &lw.wo, dim)?;
         let xr = if last {
             // The CPU compacts the last rows in place; here they are gathered into `xl`.
-            let xl = s.xl.view();
             let last_rows = x.from((seq - 1) * dim);
             elementwise::gather_rows(self.gpu, self.dtype, last_rows, xl, batch, dim, seq * dim)?;
             xl
@@ -305,6 +313,21 @@ impl<'a> Pass<'a> {
         self.add_round(xr, proj, mq * dim)?;
         self.ffn_block(xr, mq, lw)?;
         Ok(xr)
+    }
+
+    /// The final norm and the output projection of the `batch` last positions in
+    /// `residual`, into `logits` (`batch * vocab` values of the dtype).
+    fn head(
+        &self,
+        residual: DevView<'_>,
+        batch: usize,
+        head: &Head,
+        logits: DevView<'_>,
+    ) -> Result<(), BackendError> {
+        let (dim, vocab) = (self.d.dim, self.d.vocab);
+        let xn = self.s.xn.view();
+        self.rmsnorm(residual, &head.norm, xn, batch)?;
+        self.linear(logits, xn, batch, dim, dim, &head.output, vocab)
     }
 }
 
@@ -389,8 +412,33 @@ pub fn forward_logits(
     first.gpu.copy_in(inputs, staged.view())?;
     match graphs {
         Some(counters) if model.stages.len() == 1 => run_with_graphs(model, state, batch, counters),
-        _ => queue_forward(model, &state.stages, batch),
+        _ => {
+            let n_micro = pipeline::micro_batches(batch, model.stages.len()).len();
+            ensure_events(model, state, n_micro)?;
+            queue_forward(model, &state.stages, &state.events, batch)
+        }
     }
+}
+
+/// Make sure every stage but the last has an event for each of `n_micro` micro-batches.
+fn ensure_events(
+    model: &GpuModel,
+    state: &mut ForwardState,
+    n_micro: usize,
+) -> Result<(), BackendError> {
+    let n = model.stages.len();
+    state.events.resize_with(n, Vec::new);
+    for (stage, events) in model.stages[..n - 1].iter().zip(&mut state.events) {
+        while events.len() < n_micro {
+            let e = stage
+                .gpu
+                .ctx
+                .new_event(None)
+                .map_err(|e| stage.gpu.err("creating an event", e))?;
+            events.push(e);
+        }
+    }
+    Ok(())
 }
 
 /// The launch sequence of `batch` as its [`GraphStep`] says: directly, captured then
@@ -420,7 +468,7 @@ fn run_with_graphs(
             if state.graphs.has_failed(batch) {
                 counters.fallback();
             }
-            queue_forward(model, &state.stages, batch)?;
+            queue_forward(model, &state.stages, &[], batch)?;
             state.graphs.ran_direct(batch);
             Ok(())
         }
@@ -428,7 +476,7 @@ fn run_with_graphs(
             gpu.stream
                 .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
                 .map_err(|e| gpu.err("starting a graph capture", e))?;
-            let queued = queue_forward(model, &state.stages, batch);
+            let queued = queue_forward(model, &state.stages, &[], batch);
             let captured = gpu.stream.end_capture(CUgraphInstantiate_flags(0));
             match (queued, captured) {
                 (Ok(()), Ok(Some(g))) => {
@@ -451,7 +499,7 @@ fn run_with_graphs(
                     counters.fallback();
                     // Nothing captured ran: queue it for real.
                     gpu.sync()?;
-                    queue_forward(model, &state.stages, batch)
+                    queue_forward(model, &state.stages, &[], batch)
                 }
             }
         }
@@ -471,98 +519,132 @@ impl std::fmt::Debug for SendGraph {
     }
 }
 
-/// Queue the forward pass after the inputs' copy: the inputs into the dtype, every block,
-/// the final norm and the output projection.
+/// Queue the forward pass after the inputs' copy on every stage, as the pipeline's
+/// [`schedule`](pipeline::schedule) says: per micro-batch, the inputs into the dtype, every
+/// block, the final norm and the output projection; `events` has one event per micro-batch
+/// for each stage but the last (none for one GPU).
 fn queue_forward(
     model: &GpuModel,
     scratch: &[StageScratch],
+    events: &[Vec<CudaEvent>],
     batch: usize,
 ) -> Result<(), BackendError> {
-    let d = Dims::of(&model.params);
-    let dtype = model.dtype;
-    let m = batch * d.seq;
-    let first = &model.stages[0];
-    let s0 = &scratch[0];
-    let staged = s0
-        .inputs
-        .as_ref()
-        .expect("the first stage has an input buffer");
-    elementwise::from_f32(&first.gpu, dtype, staged.view(), s0.x.view(), m * d.dim)?;
-    let n_layers = model.params.n_layers_usize();
-    let n_stages = model.stages.len();
-    let mut residual = s0.x.view();
-    for (i, (stage, s)) in model.stages.iter().zip(scratch).enumerate() {
-        if i > 0 {
-            // The residual moves on to the next GPU of the group.
-            let prev = &model.stages[i - 1];
-            prev.gpu.sync()?;
-            let t = Elem::storage(dtype);
-            let from = residual.check(&prev.gpu, "the residual sent on", t, m * d.dim)?;
-            let to =
-                s.x.view()
-                    .check(&stage.gpu, "the residual received", t, m * d.dim)?;
-            let bytes = m * d.dim * t.bytes();
-            stage
-                .gpu
-                .ctx
-                .bind_to_thread()
-                .map_err(|e| stage.gpu.err("bind", e))?;
-            // SAFETY: both views hold m * dim values of the dtype on their GPUs (checked
-            // above: the previous stage's residual, this stage's x); the previous stream is
-            // idle (synchronised above) and this stream orders the copy before its next
-            // launch.
-            unsafe {
-                cudarc::driver::result::memcpy_peer_async(
-                    stage.gpu.ctx.cu_ctx(),
-                    to,
-                    prev.gpu.ctx.cu_ctx(),
-                    from,
-                    bytes,
-                    stage.gpu.stream.cu_stream(),
-                )
-            }
-            .map_err(|e| stage.gpu.err("copying the residual between GPUs", e))?;
-            residual = s.x.view();
-        }
-        let pass = Pass::new(model, stage, s);
-        for (lw, l) in stage.weights.iter().zip(stage.layers.clone()) {
-            residual = pass.block(batch, lw, l + 1 == n_layers)?;
-        }
-        if i + 1 == n_stages {
-            let head = stage.head.as_ref().expect("the last stage has the head");
-            let t = s
-                .tail
-                .as_ref()
-                .expect("the last stage has the tail buffers");
-            if n_layers == 0 {
-                // No layers: keep the last position of each nonce.
-                let last_rows = s.x.from((d.seq - 1) * d.dim);
-                let (dim, seq) = (d.dim, d.seq);
-                elementwise::gather_rows(
-                    &stage.gpu,
-                    dtype,
-                    last_rows,
-                    s.xl.view(),
-                    batch,
-                    dim,
-                    seq * dim,
-                )?;
-                residual = s.xl.view();
-            }
-            let xn = s.xn.view();
-            pass.rmsnorm(residual, &head.norm, xn, batch)?;
-            pass.linear(
-                t.logits.view(),
-                xn,
-                batch,
-                d.dim,
-                d.dim,
-                &head.output,
-                d.vocab,
-            )?;
-        }
+    let micro = pipeline::micro_batches(batch, model.stages.len());
+    let ops = pipeline::schedule(model.stages.len(), micro.len());
+    let mut streams = GroupStreams {
+        model,
+        scratch,
+        events,
+        micro: &micro,
+        d: Dims::of(&model.params),
+    };
+    pipeline::run(&mut streams, &ops)
+}
+
+/// The streams of a model's stages, for the pipeline's schedule.
+struct GroupStreams<'a> {
+    model: &'a GpuModel,
+    scratch: &'a [StageScratch],
+    events: &'a [Vec<CudaEvent>],
+    micro: &'a [Range<usize>],
+    d: Dims,
+}
+
+impl GroupStreams<'_> {
+    /// Micro-batch `micro`'s rows of a stage's residual: (first value, values).
+    fn residual_rows(&self, micro: usize) -> (usize, usize) {
+        let r = &self.micro[micro];
+        let per = self.d.seq * self.d.dim;
+        (r.start * per, r.len() * per)
     }
-    Ok(())
+}
+
+impl StageStreams for GroupStreams<'_> {
+    type Error = BackendError;
+
+    fn wait(&mut self, stage: usize, micro: usize) -> Result<(), BackendError> {
+        let gpu = &self.model.stages[stage].gpu;
+        gpu.stream
+            .wait(&self.events[stage - 1][micro])
+            .map_err(|e| gpu.err("waiting for the previous GPU", e))
+    }
+
+    fn record(&mut self, stage: usize, micro: usize) -> Result<(), BackendError> {
+        let gpu = &self.model.stages[stage].gpu;
+        self.events[stage][micro]
+            .record(&gpu.stream)
+            .map_err(|e| gpu.err("recording an event", e))
+    }
+
+    fn receive(&mut self, stage: usize, micro: usize) -> Result<(), BackendError> {
+        let prev = &self.model.stages[stage - 1].gpu;
+        let this = &self.model.stages[stage].gpu;
+        let t = Elem::storage(self.model.dtype);
+        let (first, n) = self.residual_rows(micro);
+        let sent = self.scratch[stage - 1].x.view().slice(first, n);
+        let kept = self.scratch[stage].x.view().slice(first, n);
+        let from = sent.check(prev, "the residual sent on", t, n)?;
+        let to = kept.check(this, "the residual received", t, n)?;
+        this.ctx.bind_to_thread().map_err(|e| this.err("bind", e))?;
+        // SAFETY: both views hold this micro-batch's n residual values of the dtype on their
+        // GPUs (checked above). The source rows were written by the previous stage's compute
+        // of this micro-batch, which this stream waits for (the schedule's Wait comes first),
+        // and nothing writes them again in this batch; the destination rows are this
+        // micro-batch's own, written next by this stream's compute, after the copy. Peer
+        // access or not (peer.rs), cuMemcpyPeerAsync copies between the two contexts.
+        unsafe {
+            cudarc::driver::result::memcpy_peer_async(
+                this.ctx.cu_ctx(),
+                to,
+                prev.ctx.cu_ctx(),
+                from,
+                n * t.bytes(),
+                this.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| this.err("copying the residual between GPUs", e))
+    }
+
+    fn compute(&mut self, stage: usize, micro: usize) -> Result<(), BackendError> {
+        let model = self.model;
+        let (st, s) = (&model.stages[stage], &self.scratch[stage]);
+        let (d, dtype) = (self.d, model.dtype);
+        let r = self.micro[micro].clone();
+        let rows = r.len();
+        let (first, n) = self.residual_rows(micro);
+        let x = s.x.view().slice(first, n);
+        let xl = s.xl.view().slice(r.start * d.dim, rows * d.dim);
+        if stage == 0 {
+            let inputs = s
+                .inputs
+                .as_ref()
+                .expect("the first stage has an input buffer");
+            elementwise::from_f32(&st.gpu, dtype, inputs.view().slice(first, n), x, n)?;
+        }
+        let pass = Pass::new(model, st, s);
+        let n_layers = model.params.n_layers_usize();
+        let mut residual = x;
+        for (lw, l) in st.weights.iter().zip(st.layers.clone()) {
+            residual = pass.block(x, xl, rows, lw, l + 1 == n_layers)?;
+        }
+        if stage + 1 < model.stages.len() {
+            return Ok(());
+        }
+        if n_layers == 0 {
+            // No layers: keep the last position of each nonce.
+            let last_rows = x.from((d.seq - 1) * d.dim);
+            let stride = d.seq * d.dim;
+            elementwise::gather_rows(&st.gpu, dtype, last_rows, xl, rows, d.dim, stride)?;
+            residual = xl;
+        }
+        let head = st.head.as_ref().expect("the last stage has the head");
+        let t = s
+            .tail
+            .as_ref()
+            .expect("the last stage has the tail buffers");
+        let logits = t.logits.view().slice(r.start * d.vocab, rows * d.vocab);
+        pass.head(residual, rows, head, logits)
+    }
 }
 
 /// The logits of the last position as f32, `batch * vocab` values (after

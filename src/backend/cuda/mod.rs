@@ -11,7 +11,8 @@
 //! cuBLASLt; device buffers), [`launch`] (one launcher module per kernel family), [`gemm`]
 //! (the matrix products), [`model`] (weights built on the devices from the pool) and
 //! [`forward`] (the CPU backend's steps, queued on the GPU, and the tail; [`graphs`] says
-//! when a batch runs as a CUDA graph); [`ceiling`] times
+//! when a batch runs as a CUDA graph, [`pipeline`] how a batch crosses a group of several
+//! GPUs, [`peer`] how the residual travels between them); [`ceiling`] times
 //! cuBLASLt alone on the forward's products for the bench.
 
 pub mod backend;
@@ -24,6 +25,8 @@ pub mod groups;
 pub mod kernels;
 pub mod launch;
 pub mod model;
+pub mod peer;
+pub mod pipeline;
 
 pub use backend::CudaBackend;
 

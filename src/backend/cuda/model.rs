@@ -110,6 +110,9 @@ pub struct ForwardState {
     /// Graphs of the single-GPU launch sequence, per batch size; they hold the scratch
     /// buffers' addresses, so they are dropped before the buffers are reallocated.
     pub graphs: GraphBook<SendGraph>,
+    /// Groups of several GPUs: per stage but the last, one event per micro-batch, recorded
+    /// when the stage has computed it (see `pipeline.rs`).
+    pub events: Vec<Vec<cudarc::driver::CudaEvent>>,
 }
 
 /// The consecutive layer ranges of `n_gpus` stages: as equal as possible, the first stages
