@@ -61,6 +61,11 @@ fn metrics_parse_and_move_with_a_job() {
         Some(1.0)
     );
     assert_eq!(value(&before, "llama_pow_gpus", &[]), Some(0.0));
+    // The start-up self-test passed on the CPU, on the two f16 golden cases.
+    let cpu = [("device", "cpu")];
+    assert_eq!(value(&before, "llama_pow_selftest_passed", &cpu), Some(1.0));
+    assert_eq!(value(&before, "llama_pow_selftest_cases", &cpu), Some(2.0));
+    assert!(value(&before, "llama_pow_selftest_max_abs_diff", &cpu).unwrap() < 2e-5);
     // A CPU server runs no CUDA graph, and says so.
     for event in ["capture", "replay", "fallback", "dropped"] {
         let labels = [("event", event)];

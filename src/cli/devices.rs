@@ -4,6 +4,7 @@
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::groups::{groups_for, NotEnoughGPUResources};
 use crate::backend::cuda::{self, CudaBackend, CudaUnavailable, GpuInfo};
+use crate::backend::selftest::Served;
 use crate::backend::Backend;
 use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
@@ -45,6 +46,14 @@ impl DtypeChoice {
     /// Whether the matrix products run in FP8.
     pub fn fp8(self) -> bool {
         self == DtypeChoice::Fp8
+    }
+
+    /// What a server with this `--dtype` computes in (what its self-test checks).
+    pub fn served(self) -> Served {
+        Served {
+            dtype: self.dtype(),
+            fp8: self.fp8(),
+        }
     }
 
     /// The name the command line takes.

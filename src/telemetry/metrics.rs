@@ -105,6 +105,32 @@ pub fn cuda_graph_counters() -> &'static GraphCounters {
     COUNTERS.get_or_init(GraphCounters::default)
 }
 
+/// The start-up self-test as /health and /metrics report it (see `backend::selftest`): every
+/// device's result, and whether the server serves (at least one device passed).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SelfTestStatus {
+    /// Every device that serves passed (devices that failed were dropped).
+    pub passed: bool,
+    /// Golden cases computed, over every device.
+    pub cases: usize,
+    /// The largest |distance - reference distance| over every device and case.
+    pub max_abs_diff: f64,
+    /// Wall time of the self-test (devices run side by side).
+    pub seconds: f64,
+    pub devices: Vec<DeviceSelfTest>,
+}
+
+/// One device's self-test.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceSelfTest {
+    pub device: String,
+    pub passed: bool,
+    pub cases: usize,
+    pub max_abs_diff: f64,
+    /// What failed (case, nonce, both distances), when it did.
+    pub failure: Option<String>,
+}
+
 /// Every metric the server exposes. Cheap to record into from any thread.
 pub struct Metrics {
     registry: Registry,
@@ -138,6 +164,10 @@ pub struct Metrics {
     gpu_memory_clock: GaugeVec,
     /// The process's [`cuda_graph_counters`], as of the last render.
     cuda_graphs: IntCounterVec,
+    selftest_passed: IntGaugeVec,
+    selftest_cases: IntGaugeVec,
+    selftest_max_abs_diff: GaugeVec,
+    selftest: Mutex<Option<SelfTestStatus>>,
     /// (when, nonces) of the batches of the last [`RATE_WINDOW`].
     recent: Mutex<VecDeque<(Instant, u64)>>,
 }
@@ -341,6 +371,42 @@ impl Metrics {
                  when their scratch buffers were reallocated",
                 &["event"],
             ),
+            selftest_passed: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "llama_pow_selftest_passed",
+                        "1 when the device's start-up self-test matched the reference, 0 when \
+                         it did not (the device is then not used)",
+                    ),
+                    &["device"],
+                )
+                .expect("valid gauge"),
+            ),
+            selftest_cases: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "llama_pow_selftest_cases",
+                        "Golden cases the device computed in the start-up self-test",
+                    ),
+                    &["device"],
+                )
+                .expect("valid gauge"),
+            ),
+            selftest_max_abs_diff: reg(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "llama_pow_selftest_max_abs_diff",
+                        "Largest |distance - reference distance| of the device's start-up \
+                         self-test",
+                    ),
+                    &["device"],
+                )
+                .expect("valid gauge"),
+            ),
+            selftest: Mutex::new(None),
             recent: Mutex::new(VecDeque::new()),
             registry,
         }
@@ -447,6 +513,28 @@ impl Metrics {
 
     pub fn nonces_computed(&self) -> u64 {
         self.nonces_computed.get()
+    }
+
+    /// Record the start-up self-test.
+    pub fn set_selftest(&self, status: SelfTestStatus) {
+        for d in &status.devices {
+            let labels = [d.device.as_str()];
+            self.selftest_passed
+                .with_label_values(&labels)
+                .set(i64::from(d.passed));
+            self.selftest_cases
+                .with_label_values(&labels)
+                .set(d.cases as i64);
+            self.selftest_max_abs_diff
+                .with_label_values(&labels)
+                .set(d.max_abs_diff);
+        }
+        *lock(&self.selftest) = Some(status);
+    }
+
+    /// The start-up self-test, when one ran.
+    pub fn selftest(&self) -> Option<SelfTestStatus> {
+        lock(&self.selftest).clone()
     }
 
     /// Everything as Prometheus text (format 0.0.4), with these GPU readings.
@@ -579,5 +667,49 @@ mod graph_tests {
             }
         );
         assert_eq!(before.since(c.snapshot()), GraphCounts::default());
+    }
+}
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    #[test]
+    fn the_selftest_is_kept_and_rendered_per_device() {
+        let m = Metrics::new();
+        assert_eq!(m.selftest(), None);
+        let device = |name: &str, passed, diff| DeviceSelfTest {
+            device: name.into(),
+            passed,
+            cases: 2,
+            max_abs_diff: diff,
+            failure: (!passed).then(|| "v2_shaped_f16: nonce 2: ...".to_string()),
+        };
+        let status = SelfTestStatus {
+            passed: true,
+            cases: 4,
+            max_abs_diff: 3e-7,
+            seconds: 0.5,
+            devices: vec![device("cuda:0", true, 3e-7), device("cuda:1", false, 0.25)],
+        };
+        m.set_selftest(status.clone());
+        assert_eq!(m.selftest(), Some(status));
+        let text = m.render(&[]);
+        assert!(
+            text.contains("llama_pow_selftest_passed{device=\"cuda:0\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("llama_pow_selftest_passed{device=\"cuda:1\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("llama_pow_selftest_cases{device=\"cuda:0\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("llama_pow_selftest_max_abs_diff{device=\"cuda:1\"} 0.25"),
+            "{text}"
+        );
     }
 }
