@@ -277,15 +277,8 @@ impl<'a> Pass<'a> {
         let q = s.q.view();
         if last {
             // Row b of the product is the last position of nonce b: rows `seq * dim` apart.
-            self.linear(
-                q,
-                xn.from((seq - 1) * dim),
-                batch,
-                seq * dim,
-                dim,
-                &lw.wq,
-                q_width,
-            )?;
+            let x_last = xn.from((seq - 1) * dim);
+            self.linear(q, x_last, batch, seq * dim, dim, &lw.wq, q_width)?;
         } else {
             self.linear(q, xn, m, dim, dim, &lw.wq, q_width)?;
         }

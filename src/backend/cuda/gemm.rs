@@ -655,7 +655,7 @@ impl Gemm {
     /// aligned to the dtype's size, holding at least `m*n`, `(m-1)*x_stride+k` and `n*k`
     /// elements of the dtype, valid until the product has run on the stream; `dst` aliases
     /// neither input.
-    pub unsafe fn linear(
+    pub(crate) unsafe fn linear(
         &self,
         shape: GemmShape,
         dst: u64,
@@ -705,7 +705,7 @@ impl Gemm {
     /// # Safety
     /// As [`Gemm::linear`], with `x8` and `w8` holding `m * k` and `n * k` bytes, and the two
     /// scale pointers one f32 each, all valid until the product has run.
-    pub unsafe fn linear_fp8(
+    pub(crate) unsafe fn linear_fp8(
         &self,
         shape: GemmShape,
         dst: u64,
