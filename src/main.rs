@@ -59,6 +59,9 @@ enum Command {
     /// Measure throughput and latency (locally, or of a running server with --server) and
     /// write a run folder: report.json, metrics.csv, gpu.csv, throughput_latency.png.
     Bench(llama_pow::cli::bench::BenchArgs),
+    /// Run the start-up self-test alone on every device: golden cases against the
+    /// reference's distances. Prints a JSON report; exits non-zero when a device fails.
+    Selftest(llama_pow::cli::selftest::SelftestArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -79,6 +82,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&out)?);
         }
         Command::Serve(args) => llama_pow::cli::serve::run(&args)?,
+        Command::Selftest(args) => {
+            let report = llama_pow::cli::selftest::run(&args)?;
+            println!("{}", serde_json::to_string(&report)?);
+            if !report.passed {
+                let failed: Vec<String> = report
+                    .devices
+                    .iter()
+                    .filter_map(|d| d.failure().map(|f| format!("{}: {f}", d.device)))
+                    .collect();
+                anyhow::bail!("self-test failed: {}", failed.join("; "));
+            }
+        }
         Command::Bench(args) => {
             let report = llama_pow::cli::bench::run(&args)?;
             if args.json {

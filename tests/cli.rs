@@ -1,5 +1,5 @@
-//! The `llama-pow` binary as an operator runs it: compute and facts on golden cases, and one
-//! clear line on stderr for a bad request.
+//! The `llama-pow` binary as an operator runs it: compute and facts on golden cases, the
+//! self-test, and one clear line on stderr for a bad request.
 
 mod common;
 
@@ -457,4 +457,38 @@ fn proofs_made_by_compute_validate_in_another_dtype() {
         stderr.contains("dist[0]: 9 is not below r_target"),
         "{stderr}"
     );
+}
+
+#[test]
+fn selftest_passes_on_the_cpu_and_exits_non_zero_when_it_cannot_run() {
+    for (dtype, cases) in [("f16", 2), ("bf16", 4), ("f32", 4)] {
+        let o = run(&["selftest", "--device", "cpu", "--dtype", dtype], "");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["passed"], true, "{v}");
+        let cpu = &v["devices"][0];
+        assert_eq!(cpu["device"], "cpu");
+        assert_eq!(cpu["cases"].as_array().unwrap().len(), cases, "{v}");
+        assert!(cpu["max_abs_diff"].as_f64().unwrap() < 2e-5, "{v}");
+    }
+    // FP8 on the CPU: every device fails the FP8 case, and the exit status says so.
+    let o = run(&["selftest", "--device", "cpu", "--dtype", "fp8"], "");
+    assert!(!o.status.success());
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["passed"], false, "{v}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.starts_with("llama-pow: self-test failed: cpu: v2_shaped_fp8: refused:"),
+        "{err}"
+    );
+    // Without a GPU, --device cuda cannot even start: one line, non-zero.
+    if !std::path::Path::new("/dev/nvidia0").exists() {
+        let o = run(&["selftest", "--device", "cuda"], "");
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.starts_with("llama-pow: --device cuda: cannot compute on CUDA"),
+            "{err}"
+        );
+    }
 }

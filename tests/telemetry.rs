@@ -61,6 +61,19 @@ fn metrics_parse_and_move_with_a_job() {
         Some(1.0)
     );
     assert_eq!(value(&before, "llama_pow_gpus", &[]), Some(0.0));
+    // The start-up self-test passed on the CPU, on the two f16 golden cases.
+    let cpu = [("device", "cpu")];
+    assert_eq!(value(&before, "llama_pow_selftest_passed", &cpu), Some(1.0));
+    assert_eq!(value(&before, "llama_pow_selftest_cases", &cpu), Some(2.0));
+    assert!(value(&before, "llama_pow_selftest_max_abs_diff", &cpu).unwrap() < 2e-5);
+    // A CPU server runs no CUDA graph, and says so.
+    for event in ["capture", "replay", "fallback", "dropped"] {
+        let labels = [("event", event)];
+        assert_eq!(
+            value(&before, "llama_pow_cuda_graphs_total", &labels),
+            Some(0.0)
+        );
+    }
     assert_eq!(histogram_count(&before, "llama_pow_batch_seconds"), 0);
 
     // A job on the tiny model: every nonce is valid under r_target 10, so every batch is a line.
@@ -227,6 +240,9 @@ fn local_bench_writes_a_complete_folder() {
     assert!(report["machine"]["logical_cpus"].as_u64().unwrap() >= 1);
     assert!(report["llama_pow_version"].is_string());
     assert!(report["gpus"].is_array());
+    assert_eq!(report["cuda_graphs"], false);
+    assert_eq!(report["cuda_graph_events"]["replays"], 0);
+    assert_eq!(report["cuda_graph_events"]["captures"], 0);
     let results = report["results"].as_array().unwrap();
     assert_eq!(results.len(), 4);
     let mut batches = 0;

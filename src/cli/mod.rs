@@ -4,6 +4,7 @@ pub mod bench;
 pub mod compute;
 pub mod devices;
 pub mod facts;
+pub mod selftest;
 pub mod serve;
 pub mod validate;
 

@@ -3,9 +3,10 @@
 use super::devices::{check_fp8_devices, resolve_devices, DeviceChoice, DtypeChoice};
 use super::seconds;
 use crate::api::{self, ServeConfig};
-use crate::backend::Backend;
+use crate::backend::{selftest, Backend};
 use crate::engine::{Engine, EngineOptions};
 use crate::pow::params::Params;
+use crate::telemetry::Metrics;
 use clap::Args;
 use std::sync::Arc;
 use std::time::Duration;
@@ -186,14 +187,20 @@ pub fn init_logging() {
     }));
 }
 
-/// Run the server until SIGTERM / SIGINT.
+/// Run the server until SIGTERM / SIGINT. Before the ready line, every device runs the
+/// start-up self-test ([`crate::backend::selftest`]): a device that fails it is not used,
+/// and with none left the server refuses to start.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     init_logging();
     let devices = args.devices()?;
     if args.dtype.fp8() {
         check_fp8_devices(&devices)?;
     }
-    let engine = Engine::new(
+    let (devices, selftest) =
+        selftest::select(devices, args.dtype.served()).map_err(|e| anyhow::anyhow!(e))?;
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_selftest(selftest);
+    let engine = Engine::with_metrics(
         devices,
         EngineOptions {
             dtype: args.dtype.dtype(),
@@ -201,6 +208,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             model_cache: args.model_cache,
             ..EngineOptions::default()
         },
+        metrics,
     );
     let cfg = args.config();
     actix_web::rt::System::new().block_on(api::serve(cfg, engine))

@@ -7,8 +7,10 @@ use prometheus::{
     exponential_buckets, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use serde::Serialize;
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The window over which `llama_pow_nonces_per_second` is averaged.
@@ -35,6 +37,98 @@ impl JobState {
             JobState::Computing => "computing",
         }
     }
+}
+
+/// What CUDA graphs did (see `backend::cuda::graphs`): launch sequences captured, graphs
+/// replayed, batches run directly because their size's capture failed, and graphs dropped
+/// because their scratch buffers were reallocated. Each GPU group keeps its own and adds to
+/// the process's ([`cuda_graph_counters`]), which /metrics and the bench report.
+#[derive(Debug, Default)]
+pub struct GraphCounters {
+    captures: AtomicU64,
+    replays: AtomicU64,
+    fallbacks: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// A reading of [`GraphCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct GraphCounts {
+    pub captures: u64,
+    pub replays: u64,
+    pub fallbacks: u64,
+    pub dropped: u64,
+}
+
+impl GraphCounts {
+    /// What happened between `earlier` and this reading.
+    pub fn since(self, earlier: GraphCounts) -> GraphCounts {
+        GraphCounts {
+            captures: self.captures.saturating_sub(earlier.captures),
+            replays: self.replays.saturating_sub(earlier.replays),
+            fallbacks: self.fallbacks.saturating_sub(earlier.fallbacks),
+            dropped: self.dropped.saturating_sub(earlier.dropped),
+        }
+    }
+}
+
+impl GraphCounters {
+    pub fn capture(&self) {
+        self.captures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn replay(&self) {
+        self.replays.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn fallback(&self) {
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn dropped(&self, graphs: usize) {
+        self.dropped.fetch_add(graphs as u64, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> GraphCounts {
+        GraphCounts {
+            captures: self.captures.load(Ordering::Relaxed),
+            replays: self.replays.load(Ordering::Relaxed),
+            fallbacks: self.fallbacks.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The process's CUDA graph counters.
+pub fn cuda_graph_counters() -> &'static GraphCounters {
+    static COUNTERS: OnceLock<GraphCounters> = OnceLock::new();
+    COUNTERS.get_or_init(GraphCounters::default)
+}
+
+/// The start-up self-test as /health and /metrics report it (see `backend::selftest`): every
+/// device's result, and whether the server serves (at least one device passed).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SelfTestStatus {
+    /// Every device that serves passed (devices that failed were dropped).
+    pub passed: bool,
+    /// Golden cases computed, over every device.
+    pub cases: usize,
+    /// The largest |distance - reference distance| over every device and case.
+    pub max_abs_diff: f64,
+    /// Wall time of the self-test (devices run side by side).
+    pub seconds: f64,
+    pub devices: Vec<DeviceSelfTest>,
+}
+
+/// One device's self-test.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceSelfTest {
+    pub device: String,
+    pub passed: bool,
+    pub cases: usize,
+    pub max_abs_diff: f64,
+    /// What failed (case, nonce, both distances), when it did.
+    pub failure: Option<String>,
 }
 
 /// Every metric the server exposes. Cheap to record into from any thread.
@@ -72,6 +166,12 @@ pub struct Metrics {
     gpu_temperature: GaugeVec,
     gpu_sm_clock: GaugeVec,
     gpu_memory_clock: GaugeVec,
+    /// The process's [`cuda_graph_counters`], as of the last render.
+    cuda_graphs: IntCounterVec,
+    selftest_passed: IntGaugeVec,
+    selftest_cases: IntGaugeVec,
+    selftest_max_abs_diff: GaugeVec,
+    selftest: Mutex<Option<SelfTestStatus>>,
     /// (when, nonces) of the batches of the last [`RATE_WINDOW`].
     recent: Mutex<VecDeque<(Instant, u64)>>,
 }
@@ -287,6 +387,50 @@ impl Metrics {
             ),
             gpu_sm_clock: gpu_gauge(r, "llama_pow_gpu_sm_clock_mhz", "GPU SM clock"),
             gpu_memory_clock: gpu_gauge(r, "llama_pow_gpu_memory_clock_mhz", "GPU memory clock"),
+            cuda_graphs: counter_vec(
+                r,
+                "llama_pow_cuda_graphs_total",
+                "CUDA graph events (--cuda-graphs): launch sequences captured, graphs replayed, \
+                 batches run directly because their capture failed (fallback), graphs dropped \
+                 when their scratch buffers were reallocated",
+                &["event"],
+            ),
+            selftest_passed: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "llama_pow_selftest_passed",
+                        "1 when the device's start-up self-test matched the reference, 0 when \
+                         it did not (the device is then not used)",
+                    ),
+                    &["device"],
+                )
+                .expect("valid gauge"),
+            ),
+            selftest_cases: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "llama_pow_selftest_cases",
+                        "Golden cases the device computed in the start-up self-test",
+                    ),
+                    &["device"],
+                )
+                .expect("valid gauge"),
+            ),
+            selftest_max_abs_diff: reg(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "llama_pow_selftest_max_abs_diff",
+                        "Largest |distance - reference distance| of the device's start-up \
+                         self-test",
+                    ),
+                    &["device"],
+                )
+                .expect("valid gauge"),
+            ),
+            selftest: Mutex::new(None),
             recent: Mutex::new(VecDeque::new()),
             registry,
         }
@@ -405,9 +549,42 @@ impl Metrics {
         self.nonces_computed.get()
     }
 
+    /// Record the start-up self-test.
+    pub fn set_selftest(&self, status: SelfTestStatus) {
+        for d in &status.devices {
+            let labels = [d.device.as_str()];
+            self.selftest_passed
+                .with_label_values(&labels)
+                .set(i64::from(d.passed));
+            self.selftest_cases
+                .with_label_values(&labels)
+                .set(d.cases as i64);
+            self.selftest_max_abs_diff
+                .with_label_values(&labels)
+                .set(d.max_abs_diff);
+        }
+        *lock(&self.selftest) = Some(status);
+    }
+
+    /// The start-up self-test, when one ran.
+    pub fn selftest(&self) -> Option<SelfTestStatus> {
+        lock(&self.selftest).clone()
+    }
+
     /// Everything as Prometheus text (format 0.0.4), with these GPU readings.
     pub fn render(&self, gpus: &[GpuSample]) -> String {
         self.nonces_per_second.set(self.nonces_per_second());
+        let graphs = cuda_graph_counters().snapshot();
+        for (event, now) in [
+            ("capture", graphs.captures),
+            ("replay", graphs.replays),
+            ("fallback", graphs.fallbacks),
+            ("dropped", graphs.dropped),
+        ] {
+            let c = self.cuda_graphs.with_label_values(&[event]);
+            // The process's counters only grow: catch up with them.
+            c.inc_by(now.saturating_sub(c.get()));
+        }
         self.gpus.set(gpus.len() as i64);
         let all = [
             &self.gpu_memory_used,
@@ -487,11 +664,86 @@ mod tests {
         assert!(text.contains("llama_pow_gpu_power_watts{gpu=\"0\",name=\"Test GPU\"} 300.5"));
         assert!(text.contains("llama_pow_orchestrator_errors_total{call=\"heartbeat\"} 1"));
         assert!(text.contains("llama_pow_gpus 1"));
+        for event in ["capture", "replay", "fallback", "dropped"] {
+            let line = format!("llama_pow_cuda_graphs_total{{event=\"{event}\"}} ");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
         assert!(m.nonces_per_second() > 0.0);
         m.job_state(Some(JobState::Computing), None);
         let text = m.render(&[]);
         assert!(text.contains("llama_pow_job_state{state=\"idle\"} 1"));
         assert!(!text.contains("llama_pow_gpu_power_watts{"));
         assert!(text.contains("llama_pow_gpus 0"));
+    }
+}
+
+#[cfg(test)]
+mod graph_tests {
+    use super::*;
+
+    #[test]
+    fn graph_counters_count_and_subtract() {
+        let c = GraphCounters::default();
+        let before = c.snapshot();
+        c.capture();
+        c.replay();
+        c.replay();
+        c.fallback();
+        c.dropped(3);
+        let d = c.snapshot().since(before);
+        assert_eq!(
+            d,
+            GraphCounts {
+                captures: 1,
+                replays: 2,
+                fallbacks: 1,
+                dropped: 3
+            }
+        );
+        assert_eq!(before.since(c.snapshot()), GraphCounts::default());
+    }
+}
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    #[test]
+    fn the_selftest_is_kept_and_rendered_per_device() {
+        let m = Metrics::new();
+        assert_eq!(m.selftest(), None);
+        let device = |name: &str, passed, diff| DeviceSelfTest {
+            device: name.into(),
+            passed,
+            cases: 2,
+            max_abs_diff: diff,
+            failure: (!passed).then(|| "v2_shaped_f16: nonce 2: ...".to_string()),
+        };
+        let status = SelfTestStatus {
+            passed: true,
+            cases: 4,
+            max_abs_diff: 3e-7,
+            seconds: 0.5,
+            devices: vec![device("cuda:0", true, 3e-7), device("cuda:1", false, 0.25)],
+        };
+        m.set_selftest(status.clone());
+        assert_eq!(m.selftest(), Some(status));
+        let text = m.render(&[]);
+        assert!(
+            text.contains("llama_pow_selftest_passed{device=\"cuda:0\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("llama_pow_selftest_passed{device=\"cuda:1\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("llama_pow_selftest_cases{device=\"cuda:0\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("llama_pow_selftest_max_abs_diff{device=\"cuda:1\"} 0.25"),
+            "{text}"
+        );
     }
 }

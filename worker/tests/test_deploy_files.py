@@ -247,7 +247,7 @@ def test_workflow_matches_the_github_actions_schema(workflow):
 
 
 def test_shell_scripts_pass_shellcheck():
-    scripts = ["start_server.sh", "scripts/test.sh", ".ci/run"]
+    scripts = ["start_server.sh", "scripts/test.sh", "scripts/gpu-acceptance.sh", ".ci/run"]
     done = subprocess.run(
         [tool("shellcheck"), "--color=never"] + scripts,
         cwd=REPO,

@@ -11,15 +11,17 @@
 //! one also holds the final norm, the output projection and the tail.
 
 use super::forward::SendGraph;
-use super::gpu::{storage_bytes, DevBuf, Gpu};
-use super::launch::{elementwise, fp8, weights as fill};
+use super::gpu::{storage_bytes, DevBuf, Elem, Gpu};
+use super::graphs::GraphBook;
+use super::launch::fp8::E4m3Out;
+use super::launch::weights::fill;
+use super::launch::{elementwise, fp8};
 use crate::backend::cpu::RopeTable;
 use crate::backend::BackendError;
 use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
 use crate::pow::proof;
 use crate::pow::weights::{self, name_hash, param_specs, ParamKind, ParamSpec, PoolSlice};
-use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -69,7 +71,8 @@ pub struct GpuLayer {
 #[derive(Debug)]
 pub struct Head {
     pub norm: DevBuf,
-    pub output: DevBuf,
+    /// The output projection, always in the model dtype (see [`is_block_linear`]).
+    pub output: Weight,
     /// The unit target vector (f64, vocab values).
     pub target: DevBuf,
 }
@@ -93,9 +96,23 @@ pub struct GpuModel {
     pub dtype: Dtype,
     pub block_hash: String,
     pub stages: Vec<Stage>,
-    /// Scratch buffers, one set per stage, grown to the largest batch seen. One batch at a
-    /// time runs on a model (its worker's), the lock only makes that explicit.
-    pub scratch: Mutex<Vec<StageScratch>>,
+    /// Scratch buffers, one set per stage, grown to the largest batch seen, and the CUDA
+    /// graphs captured on them. One batch at a time runs on a model (its worker's), the lock
+    /// only makes that explicit.
+    pub scratch: Mutex<ForwardState>,
+}
+
+/// What the forward pass of a model keeps from batch to batch.
+#[derive(Debug, Default)]
+pub struct ForwardState {
+    /// One set per stage (empty until the first batch).
+    pub stages: Vec<StageScratch>,
+    /// Graphs of the single-GPU launch sequence, per batch size; they hold the scratch
+    /// buffers' addresses, so they are dropped before the buffers are reallocated.
+    pub graphs: GraphBook<SendGraph>,
+    /// Groups of several GPUs: per stage but the last, one event per micro-batch, recorded
+    /// when the stage has computed it (see `pipeline.rs`).
+    pub events: Vec<Vec<cudarc::driver::CudaEvent>>,
 }
 
 /// The consecutive layer ranges of `n_gpus` stages: as equal as possible, the first stages
@@ -227,9 +244,6 @@ pub struct StageScratch {
     pub tail: Option<TailScratch>,
     /// FP8 models: the quantised activations of a product.
     pub fp8: Option<Fp8Scratch>,
-    /// Captured launch sequences per batch size (None: capture failed, run directly); they
-    /// hold these buffers' addresses, so they live and die with them.
-    pub graphs: Mutex<HashMap<usize, Option<SendGraph>>>,
 }
 
 /// Where a product's input is quantised to E4M3 (FP8 models).
@@ -282,13 +296,13 @@ impl StageScratch {
         let tail = if last {
             Some(TailScratch {
                 logits: t(capacity * vocab)?,
-                logits_f32: gpu.alloc(4, capacity * vocab)?,
-                perm: gpu.alloc(8, capacity * vocab)?,
-                o: gpu.alloc(4, capacity * vocab)?,
-                dist: gpu.alloc(8, capacity)?,
-                count: gpu.alloc(4, 1)?,
-                index: gpu.alloc(4, capacity)?,
-                valid_dist: gpu.alloc(8, capacity)?,
+                logits_f32: gpu.alloc(Elem::F32, capacity * vocab)?,
+                perm: gpu.alloc(Elem::I64, capacity * vocab)?,
+                o: gpu.alloc(Elem::F32, capacity * vocab)?,
+                dist: gpu.alloc(Elem::F64, capacity)?,
+                count: gpu.alloc(Elem::I32, 1)?,
+                index: gpu.alloc(Elem::I32, capacity)?,
+                valid_dist: gpu.alloc(Elem::F64, capacity)?,
             })
         } else {
             None
@@ -306,21 +320,20 @@ impl StageScratch {
             h3: t(m * hidden)?,
             xl: t(capacity * dim)?,
             inputs: if first {
-                Some(gpu.alloc(4, m * dim)?)
+                Some(gpu.alloc(Elem::F32, m * dim)?)
             } else {
                 None
             },
             tail,
             fp8: if params.use_fp8 {
                 Some(Fp8Scratch {
-                    x8: gpu.alloc(1, m * dim.max(qw).max(hidden))?,
-                    amax: gpu.alloc(4, 1)?,
-                    x_scale: gpu.alloc(4, 1)?,
+                    x8: gpu.alloc(Elem::E4M3, m * dim.max(qw).max(hidden))?,
+                    amax: gpu.alloc(Elem::U32, 1)?,
+                    x_scale: gpu.alloc(Elem::F32, 1)?,
                 })
             } else {
                 None
             },
-            graphs: Mutex::new(HashMap::new()),
         })
     }
 }
@@ -381,7 +394,7 @@ impl GpuModel {
                 &target,
             )?);
         }
-        let scratch = Mutex::new(Vec::new());
+        let scratch = Mutex::new(ForwardState::default());
         Ok(GpuModel {
             params: params.clone(),
             dtype,
@@ -426,7 +439,7 @@ impl GpuModel {
                 .iter()
                 .enumerate()
                 .map(|(i, _)| {
-                    scratch.get(i).map_or(0, |s| {
+                    scratch.stages.get(i).map_or(0, |s| {
                         s.capacity as u64
                             * scratch_bytes_per_nonce(
                                 &self.params,
@@ -485,18 +498,14 @@ fn build_stage(
             spec.numel(),
             pool.len() as u64,
         );
-        fill::fill(
-            gpu,
-            dtype,
-            dev_pool.ptr(),
-            pool.len(),
-            slice,
-            buf.ptr(),
-            numel,
-        )?;
+        fill(gpu, dtype, dev_pool.view(), slice, buf.view(), numel)?;
         Ok(buf)
     };
-    let fp8_amax = if fp8 { Some(gpu.alloc(4, 1)?) } else { None };
+    let fp8_amax = if fp8 {
+        Some(gpu.alloc(Elem::U32, 1)?)
+    } else {
+        None
+    };
     let linear = |spec: &ParamSpec| -> Result<Weight, BackendError> {
         let dense = make(spec)?;
         let Some(amax) = &fp8_amax else {
@@ -505,20 +514,14 @@ fn build_stage(
         // Quantised from the dtype's values; the dense copy is freed (in stream order,
         // after the quantisation has read it) when it drops here.
         let numel = spec.numel() as usize;
-        let data = gpu.alloc(1, numel)?;
-        let scale = gpu.alloc(4, 1)?;
-        fp8::quantize_e4m3(
-            gpu,
-            dtype,
-            dense.ptr(),
-            1,
-            numel,
-            numel,
-            amax.ptr(),
-            false,
-            data.ptr(),
-            scale.ptr(),
-        )?;
+        let data = gpu.alloc(Elem::E4M3, numel)?;
+        let scale = gpu.alloc(Elem::F32, 1)?;
+        let out = E4m3Out {
+            codes: data.view(),
+            scale: scale.view(),
+            amax: amax.view(),
+        };
+        fp8::quantize_e4m3(gpu, dtype, dense.view(), 1, numel, numel, false, out)?;
         Ok(Weight::Fp8 { data, scale })
     };
     let mut weights = Vec::with_capacity(layers.len());
@@ -551,7 +554,7 @@ fn build_stage(
         };
         Some(Head {
             norm: make(of(ParamKind::Norm))?,
-            output: make(of(ParamKind::Output))?,
+            output: Weight::Dense(make(of(ParamKind::Output))?),
             target: gpu.upload(target)?,
         })
     } else {
@@ -579,18 +582,13 @@ fn upload_pool(gpu: &Gpu, dtype: Dtype, pool: &[f32]) -> Result<DevBuf, BackendE
         return gpu.upload(pool);
     }
     let dev = gpu.alloc_dtype(dtype, pool.len())?;
-    let staging = gpu.alloc(4, POOL_CHUNK.min(pool.len()).max(1))?;
+    let staging = gpu.alloc(Elem::F32, POOL_CHUNK.min(pool.len()).max(1))?;
     for (c, chunk) in pool.chunks(POOL_CHUNK).enumerate() {
         // The copy into the staging buffer is queued after the previous chunk's rounding
         // on the same stream, so reusing it is safe without waiting.
-        gpu.copy_in(chunk, &staging, 0)?;
-        elementwise::from_f32(
-            gpu,
-            dtype,
-            staging.ptr(),
-            dev.at(c * POOL_CHUNK),
-            chunk.len(),
-        )?;
+        gpu.copy_in(chunk, staging.view())?;
+        let dst = dev.from(c * POOL_CHUNK);
+        elementwise::from_f32(gpu, dtype, staging.view(), dst, chunk.len())?;
     }
     Ok(dev)
 }

@@ -16,6 +16,11 @@
 //! device before anything is computed: a device without FP8 (the CPU) fails the bench at once
 //! with its reason.
 //!
+//! Every report holds `cuda_graphs` (whether `--cuda-graphs` was on) and
+//! `cuda_graph_events`: `captures`, `replays`, `fallbacks` (batches run directly because
+//! their size's capture failed) and `dropped` (graphs dropped when scratch buffers were
+//! reallocated) during the run; all zero without graphs.
+//!
 //! Besides the sweep's `results` (one object per configuration) and `best`, a local run's
 //! report states the figures the CUDA backend is judged by, all measured in the same process:
 //!
@@ -238,6 +243,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
     let progress = Progress::new(args.json);
     let monitor = GpuMonitor::open();
     let sampler = GpuSampler::start(monitor.clone(), &out.join(GPU_FILE))?;
+    let graphs_before = crate::telemetry::cuda_graph_counters().snapshot();
     let result = match &args.server {
         Some(_) => server::run(args, &params, &params_source, &out, &progress),
         None if args.agreement => agreement::run(args, &params, &params_source, &out, &progress),
@@ -265,6 +271,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
     obj.insert("nvml".into(), nvml);
     obj.insert("cuda".into(), cuda_report());
     obj.insert("cuda_graphs".into(), args.cuda_graphs.into());
+    let graphs = crate::telemetry::cuda_graph_counters()
+        .snapshot()
+        .since(graphs_before);
+    obj.insert("cuda_graph_events".into(), serde_json::to_value(graphs)?);
     obj.insert("run_folder".into(), out.display().to_string().into());
     let text = serde_json::to_string_pretty(&report)?;
     std::fs::write(out.join(REPORT_FILE), text + "\n")
