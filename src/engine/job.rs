@@ -23,7 +23,8 @@ pub struct ModelSpec {
     pub params: Params,
 }
 
-/// An open-ended schedule from `start_nonce` until `max_duration` has passed.
+/// A schedule from `start_nonce` until `max_duration` has passed (no batch starts after it),
+/// or until the first `max_nonces` nonces are computed, whichever comes first.
 #[derive(Debug, Clone)]
 pub struct GenerateJob {
     pub model: ModelSpec,
@@ -33,6 +34,9 @@ pub struct GenerateJob {
     pub start_nonce: u64,
     pub batch_size: u64,
     pub max_duration: Duration,
+    /// Compute nonces `start_nonce ..= start_nonce + max_nonces - 1` and end (None: no end
+    /// but the time limit).
+    pub max_nonces: Option<u64>,
 }
 
 /// A range job: the model now, the public key and nonce range through [`JobControl::assign`].

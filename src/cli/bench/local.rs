@@ -212,8 +212,11 @@ pub fn run(
                     start_nonce: 0,
                     batch_size: bs,
                     max_duration: args.seconds,
+                    max_nonces: None,
                 }))
                 .context("cannot start the bench job")?;
+            let budget = Budget::new(h.control.clone(), args.seconds);
+            interrupt.measuring(Some(h.control.clone()));
             let mut workers: Vec<WorkerRun> = engine
                 .device_names()
                 .into_iter()
