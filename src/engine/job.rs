@@ -74,6 +74,9 @@ impl Job {
         }
     }
 
+    /// Every value [`Job::kind`] gives (metric labels are created for each at start-up).
+    pub const KINDS: [&'static str; 2] = ["generate", "range"];
+
     pub fn kind(&self) -> &'static str {
         match self {
             Job::Generate(_) => "generate",
@@ -109,6 +112,15 @@ pub enum StopReason {
 }
 
 impl StopReason {
+    /// Every reason, for metric labels created at start-up.
+    pub const ALL: [StopReason; 5] = [
+        StopReason::Preempted,
+        StopReason::ClientGone,
+        StopReason::Shutdown,
+        StopReason::Requested,
+        StopReason::Failed,
+    ];
+
     fn code(self) -> u8 {
         match self {
             StopReason::Preempted => 1,
@@ -160,6 +172,21 @@ pub enum JobEnd {
     Stopped(StopReason),
 }
 
+impl JobEnd {
+    /// A metric label: "completed" or the [`StopReason::label`].
+    pub fn label(self) -> &'static str {
+        match self {
+            JobEnd::Completed => "completed",
+            JobEnd::Stopped(r) => r.label(),
+        }
+    }
+
+    /// Every label [`JobEnd::label`] gives.
+    pub fn labels() -> impl Iterator<Item = &'static str> {
+        std::iter::once("completed").chain(StopReason::ALL.iter().map(|r| r.label()))
+    }
+}
+
 /// A failure inside a running job, in words and as a short type name.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobError {
@@ -170,6 +197,10 @@ pub struct JobError {
 }
 
 impl JobError {
+    /// Every `error_type` a device failure is reported with ([`JobError::from_backend`]).
+    pub const DEVICE_ERROR_TYPES: [&'static str; 3] =
+        ["Unsupported", "OutOfMemory", "DeviceFailure"];
+
     pub(crate) fn from_backend(e: &BackendError) -> Self {
         let (error_type, fatal) = match e {
             BackendError::Unsupported(_) => ("Unsupported", false),
