@@ -525,3 +525,58 @@ fn every_dashboard_query_names_an_exported_metric() {
         );
     }
 }
+
+/// Ctrl-C during a local bench: it stops, still writes the report, CSVs and plot with what
+/// was measured, marks the report interrupted and exits with 130.
+#[test]
+fn an_interrupted_bench_still_writes_its_report() {
+    let dir = scratch("bench-interrupted");
+    let params = tiny_params_file(&dir);
+    let out = dir.join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llama-pow"))
+        .arg("bench")
+        .args(["--params", params.to_str().unwrap(), "--device", "cpu"])
+        .args(["--batch-sizes", "4,8", "--seconds", "30"])
+        .args(["--out", out.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let the first configuration compute for a while.
+    assert!(wait_until(Duration::from_secs(30), || {
+        csv_rows_if_any(&out.join("metrics.csv")) > 10
+    }));
+    // SAFETY: kill(2) with the PID of a child this test started and has not reaped.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the bench did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["interrupted"], true);
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "the second configuration never started");
+    assert!(results[0]["nonces"].as_u64().unwrap() > 0);
+    assert!(results[0]["seconds"].as_f64().unwrap() < 25.0);
+    assert_eq!(png_size(&out.join("throughput_latency.png")), (1280, 800));
+    let (_, rows) = csv_rows(&out.join("metrics.csv"));
+    assert_eq!(rows.len() as u64, results[0]["batches"].as_u64().unwrap());
+}
+
+/// Rows of a CSV file being written, 0 while it does not exist.
+fn csv_rows_if_any(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().count().saturating_sub(1))
+        .unwrap_or(0)
+}
