@@ -91,6 +91,7 @@ fn main() {
             start_nonce: 0,
             batch_size: batch,
             max_duration: Duration::from_millis(200),
+            max_nonces: None,
         }),
     );
     let (mut gen_rates, mut val_rates) = (Vec::new(), Vec::new());
@@ -106,6 +107,7 @@ fn main() {
                 start_nonce: start,
                 batch_size: batch,
                 max_duration: Duration::from_secs_f64(seconds),
+                max_nonces: None,
             }),
         );
         gen_rates.push(n as f64 / secs);

@@ -54,17 +54,22 @@ enum Command {
         #[arg(long = "param", value_name = "NAME")]
         params: Vec<String>,
     },
-    /// Serve /generate, /warmup, /pooled and /health over HTTP until SIGTERM or SIGINT.
+    /// Serve /generate, /warmup, /pooled and /health over HTTP until SIGTERM or SIGINT, with
+    /// Prometheus metrics at GET /metrics and the API's OpenAPI document at GET /openapi.json.
     Serve(llama_pow::cli::serve::ServeArgs),
     /// Measure throughput and latency (locally, or of a running server with --server) and
     /// write a run folder: report.json, metrics.csv, gpu.csv, throughput_latency.png.
+    /// Ctrl-C stops early and still writes them (exit status 130).
     Bench(llama_pow::cli::bench::BenchArgs),
     /// Run the start-up self-test alone on every device: golden cases against the
     /// reference's distances. Prints a JSON report; exits non-zero when a device fails.
     Selftest(llama_pow::cli::selftest::SelftestArgs),
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// The exit status of a bench a Ctrl-C ended early (128 + SIGINT), its report written.
+const INTERRUPTED: u8 = 130;
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Compute { request, device } => {
             let req = llama_pow::cli::read_request(request.as_deref())?;
@@ -106,15 +111,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .display()
                 );
             }
+            if report["interrupted"] == true {
+                return Ok(ExitCode::from(INTERRUPTED));
+            }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // One line: the error and its causes, outermost first.
             let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();

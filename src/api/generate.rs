@@ -1,5 +1,6 @@
 //! POST /generate: validate, take the devices (preempting whoever has them), and stream the
-//! generation job's lines ([`crate::session::generation`]) until its time limit.
+//! generation job's lines ([`crate::session::generation`]) until its time limit or the
+//! request's own bounds.
 
 use super::envelope::{error_response, read_compute_request};
 use super::ndjson;
@@ -34,23 +35,24 @@ pub async fn generate(state: web::Data<AppState>, payload: web::Payload) -> Http
         Ok(r) => r,
         Err(answer) => return answer,
     };
-    let handle = match state
-        .engine
-        .submit(generation::job_for(&req, state.cfg.max_job))
-    {
+    let handle = match state.engine.submit(req.job(state.cfg.max_job)) {
         Ok(h) => h,
         Err(e) => return refused(&e),
     };
+    let proof = &req.proof;
     tracing::info!(
         job = handle.id,
-        block_height = req.block_height,
-        start_nonce = req.start_nonce,
-        batch_size = req.batch_size,
+        block_height = proof.block_height,
+        start_nonce = proof.start_nonce,
+        batch_size = proof.batch_size,
+        max_seconds = req.bounds.max_seconds,
+        max_nonces = req.bounds.max_nonces,
         "generate: public key {}..., {}",
-        prefix16(&req.public_key),
-        req.params
+        prefix16(&proof.public_key),
+        proof.params
     );
+    let ending = req.ending(state.cfg.max_job);
     ndjson::response(move |sink| async move {
-        generation::stream_generation(handle, &sink).await;
+        generation::stream_generation(handle, &sink, ending).await;
     })
 }

@@ -8,6 +8,7 @@ pub mod generate;
 pub mod health;
 pub mod metrics;
 pub mod ndjson;
+pub mod openapi;
 pub mod pooled;
 pub mod server;
 pub mod validate;
@@ -21,7 +22,8 @@ use actix_web::{web, HttpResponse};
 async fn not_found() -> HttpResponse {
     envelope::error_response(
         StatusCode::NOT_FOUND,
-        "no such endpoint: use /health, /metrics, /generate, /validate, /warmup or /pooled",
+        "no such endpoint: use /health, /metrics, /openapi.json, /generate, /validate, /warmup \
+         or /pooled",
     )
 }
 
@@ -50,6 +52,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource("/metrics")
             .route(web::get().to(metrics::metrics))
+            .default_service(web::to(get_only)),
+    )
+    .service(
+        web::resource("/openapi.json")
+            .route(web::get().to(openapi::openapi))
             .default_service(web::to(get_only)),
     )
     .service(

@@ -6,24 +6,38 @@ use super::ndjson;
 use super::AppState;
 use crate::pow::request::Fields;
 use crate::session::client;
-use crate::session::pooled::{self, Orchestrator, OrchestratorApi, PooledEnv};
+use crate::session::generation::Bounds;
+use crate::session::pooled::{
+    self, ClientBounds, Orchestrator, OrchestratorApi, PooledConfig, PooledEnv,
+};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use serde_json::Value;
 
-pub fn parse_pooled(v: &Value) -> Result<String, String> {
+/// A /pooled request: the orchestrator's URL and the client's optional bounds on the session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PooledRequest {
+    pub orchestrator_url: String,
+    pub bounds: ClientBounds,
+}
+
+pub fn parse_pooled(v: &Value) -> Result<PooledRequest, String> {
     let f = Fields::new(v, "request", "").map_err(|e| e.to_string())?;
     let url = f.string("orchestrator_url").map_err(|e| e.to_string())?;
-    client::parse_url("orchestrator_url", &url)
+    let bounds = Bounds::parse(&f).map_err(|e| e.to_string())?;
+    Ok(PooledRequest {
+        orchestrator_url: client::parse_url("orchestrator_url", &url)?,
+        bounds: ClientBounds::of(&bounds),
+    })
 }
 
 pub async fn pooled(state: web::Data<AppState>, payload: web::Payload) -> HttpResponse {
-    let url = match read_json(payload, state.cfg.max_body_bytes)
+    let (url, bounds) = match read_json(payload, state.cfg.max_body_bytes)
         .await
         .and_then(unwrap_envelope)
         .and_then(|v| parse_pooled(&v))
     {
-        Ok(u) => u,
+        Ok(r) => (r.orchestrator_url, r.bounds),
         Err(e) => return bad_request(&e),
     };
     if state.shutting_down() {
@@ -45,7 +59,10 @@ pub async fn pooled(state: web::Data<AppState>, payload: web::Payload) -> HttpRe
         let _session = state.sessions.enter();
         let env = PooledEnv {
             engine: state.engine.clone(),
-            cfg: state.cfg.pooled(),
+            cfg: PooledConfig {
+                client: bounds,
+                ..state.cfg.pooled()
+            },
             shutdown: state.shutdown.clone(),
         };
         pooled::run(&env, orch, sink).await;
@@ -59,9 +76,24 @@ mod tests {
 
     #[test]
     fn pooled_requests() {
+        let r = parse_pooled(&json!({"orchestrator_url": "http://127.0.0.1:5/"})).unwrap();
+        assert_eq!(r.orchestrator_url, "http://127.0.0.1:5");
+        assert_eq!(r.bounds, ClientBounds::default());
+        let r = parse_pooled(
+            &json!({"orchestrator_url": "http://h", "max_seconds": 1.5, "max_nonces": 9}),
+        )
+        .unwrap();
         assert_eq!(
-            parse_pooled(&json!({"orchestrator_url": "http://127.0.0.1:5/"})).unwrap(),
-            "http://127.0.0.1:5"
+            r.bounds,
+            ClientBounds {
+                max_seconds: Some(std::time::Duration::from_millis(1500)),
+                max_nonces: Some(9)
+            }
+        );
+        assert!(
+            parse_pooled(&json!({"orchestrator_url": "http://h", "max_nonces": 0}))
+                .unwrap_err()
+                .contains("max_nonces")
         );
         assert!(parse_pooled(&json!({}))
             .unwrap_err()

@@ -62,6 +62,7 @@ impl ServeConfig {
             max_backlog: self.pooled_max_backlog,
             batch_size: self.pooled_batch_size,
             shutdown_grace: self.shutdown_grace,
+            client: Default::default(),
         }
     }
 }

@@ -223,10 +223,24 @@ pub fn check_fp8_devices(devices: &[Arc<dyn Backend>]) -> anyhow::Result<()> {
         ..Params::default()
     };
     for d in devices {
-        d.check(&probe, Dtype::F16)
-            .map_err(|e| anyhow::anyhow!("--dtype fp8 on {}: {e}", d.name()))?;
+        d.check(&probe, Dtype::F16).map_err(|e| {
+            anyhow::anyhow!(
+                "--dtype fp8 on {}: {}; start with --dtype f16 (or f32, bf16) instead",
+                d.name(),
+                startup_terms(&e.to_string())
+            )
+        })?;
     }
     Ok(())
+}
+
+/// A backend's reason for refusing `use_fp8`, said of the server rather than of a request:
+/// without the `params.use_fp8:` it starts with and the advice to send `use_fp8 false` it may
+/// end with (at start-up there is no request to change).
+fn startup_terms(reason: &str) -> String {
+    let r = reason.strip_prefix("params.use_fp8: ").unwrap_or(reason);
+    let r = r.strip_suffix("; send use_fp8 false").unwrap_or(r);
+    r.to_owned()
 }
 
 #[cfg(test)]
@@ -422,7 +436,16 @@ mod tests {
         let devices: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::new())];
         let e = check_fp8_devices(&devices).unwrap_err().to_string();
         assert!(e.starts_with("--dtype fp8 on cpu: "), "{e}");
-        assert!(e.contains("use_fp8"), "{e}");
+        assert!(e.contains("no FP8 support"), "{e}");
+        assert!(
+            e.ends_with("start with --dtype f16 (or f32, bf16) instead"),
+            "{e}"
+        );
+        // Start-up terms: no request field, no advice about requests.
+        assert!(
+            !e.contains("params.use_fp8") && !e.contains("send use_fp8"),
+            "{e}"
+        );
         assert_eq!(DtypeChoice::Fp8.dtype(), Dtype::F16);
         assert!(DtypeChoice::Fp8.fp8() && !DtypeChoice::Bf16.fp8());
         assert_eq!(DtypeChoice::Fp8.as_str(), "fp8");

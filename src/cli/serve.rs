@@ -27,7 +27,8 @@ pub struct ServeArgs {
     /// Model dtype.
     #[arg(long, env = "LLAMA_POW_DTYPE", value_enum, default_value = "f16")]
     pub dtype: DtypeChoice,
-    /// Time limit of a /generate job (and of /warmup's generation), in seconds.
+    /// Time limit of a /generate job (and of /warmup's generation), in seconds; a request may
+    /// ask for less with max_seconds (or for a number of nonces with max_nonces).
     #[arg(long, env = "LLAMA_POW_MAX_JOB_SECONDS", default_value = "420", value_parser = seconds)]
     pub max_job_seconds: Duration,
     /// /warmup: interval between polls of the callback for params, in seconds.

@@ -32,7 +32,8 @@ impl ModelSpec {
     }
 }
 
-/// An open-ended schedule from `start_nonce` until `max_duration` has passed.
+/// A schedule from `start_nonce` until `max_duration` has passed (no batch starts after it),
+/// or until the first `max_nonces` nonces are computed, whichever comes first.
 #[derive(Debug, Clone)]
 pub struct GenerateJob {
     pub model: ModelSpec,
@@ -42,6 +43,9 @@ pub struct GenerateJob {
     pub start_nonce: u64,
     pub batch_size: u64,
     pub max_duration: Duration,
+    /// Compute nonces `start_nonce ..= start_nonce + max_nonces - 1` and end (None: no end
+    /// but the time limit).
+    pub max_nonces: Option<u64>,
 }
 
 /// A range job: the model now, the public key and nonce range through [`JobControl::assign`].
@@ -97,6 +101,9 @@ impl Job {
         }
     }
 
+    /// Every value [`Job::kind`] gives (metric labels are created for each at start-up).
+    pub const KINDS: [&'static str; 3] = ["generate", "range", "validate"];
+
     /// A metric label: "generate", "range" or "validate".
     pub fn kind(&self) -> &'static str {
         match self {
@@ -140,6 +147,15 @@ pub enum StopReason {
 }
 
 impl StopReason {
+    /// Every reason, for metric labels created at start-up.
+    pub const ALL: [StopReason; 5] = [
+        StopReason::Preempted,
+        StopReason::ClientGone,
+        StopReason::Shutdown,
+        StopReason::Requested,
+        StopReason::Failed,
+    ];
+
     fn code(self) -> u8 {
         match self {
             StopReason::Preempted => 1,
@@ -191,6 +207,21 @@ pub enum JobEnd {
     Stopped(StopReason),
 }
 
+impl JobEnd {
+    /// A metric label: "completed" or the [`StopReason::label`].
+    pub fn label(self) -> &'static str {
+        match self {
+            JobEnd::Completed => "completed",
+            JobEnd::Stopped(r) => r.label(),
+        }
+    }
+
+    /// Every label [`JobEnd::label`] gives.
+    pub fn labels() -> impl Iterator<Item = &'static str> {
+        std::iter::once("completed").chain(StopReason::ALL.iter().map(|r| r.label()))
+    }
+}
+
 /// A failure inside a running job, in words and as a short type name.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobError {
@@ -201,6 +232,10 @@ pub struct JobError {
 }
 
 impl JobError {
+    /// Every `error_type` a device failure is reported with ([`JobError::from_backend`]).
+    pub const DEVICE_ERROR_TYPES: [&'static str; 3] =
+        ["Unsupported", "OutOfMemory", "DeviceFailure"];
+
     pub(crate) fn from_backend(e: &BackendError) -> Self {
         let (error_type, fatal) = match e {
             BackendError::Unsupported(_) => ("Unsupported", false),

@@ -283,13 +283,7 @@ fn run_job(
         let mut state = StateGuard::new(&inner.metrics);
         run_job_holding_devices(&inner, &job, &control, &tx, &mut state, started)
     };
-    inner.metrics.job_finished(
-        kind,
-        match end {
-            JobEnd::Completed => "completed",
-            JobEnd::Stopped(r) => r.label(),
-        },
-    );
+    inner.metrics.job_finished(kind, end.label());
     {
         let mut st = lock(&inner.state);
         if st.current.as_ref().is_some_and(|r| r.id == id) {

@@ -42,6 +42,7 @@ fn gen(secs: f64, bs: u64) -> Job {
         start_nonce: 7,
         batch_size: bs,
         max_duration: Duration::from_secs_f64(secs),
+        max_nonces: None,
     })
 }
 
@@ -164,6 +165,27 @@ fn first_batch(h: &mut JobHandle) {
             return;
         }
     }
+}
+
+#[test]
+fn generate_ends_after_its_first_max_nonces() {
+    let e = engine();
+    let mut job = gen(60.0, 4);
+    if let Job::Generate(g) = &mut job {
+        g.max_nonces = Some(10);
+    }
+    let t = Instant::now();
+    let mut h = e.submit(job).unwrap();
+    let (batches, end, _) = drain(&mut h);
+    assert_eq!(end, JobEnd::Completed);
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    let mut nonces: Vec<u64> = batches.iter().flat_map(|b| b.nonces.clone()).collect();
+    nonces.sort_unstable();
+    assert_eq!(
+        nonces,
+        (7..17).collect::<Vec<_>>(),
+        "exactly the first 10, once each"
+    );
 }
 
 #[test]

@@ -95,7 +95,7 @@ trait NonceSource {
     fn more(&self) -> bool;
 }
 
-/// A /generate worker's schedule until the job's time limit.
+/// A /generate worker's schedule until the job's time limit (or its last nonce).
 struct UntilDeadline<'a> {
     sched: &'a mut GenerateSchedule,
     started: Instant,
@@ -107,7 +107,7 @@ impl NonceSource for UntilDeadline<'_> {
         self.sched.next_batch(n)
     }
     fn more(&self) -> bool {
-        self.started.elapsed() < self.max
+        !self.sched.is_done() && self.started.elapsed() < self.max
     }
 }
 
@@ -417,8 +417,12 @@ impl WorkerCtx<'_> {
 }
 
 fn generate_worker(ctx: &WorkerCtx<'_>, spec: JobSpec, job: &GenerateJob) -> Totals {
-    let mut sched =
-        GenerateSchedule::new(job.start_nonce, ctx.worker_id as u64, ctx.n_workers as u64);
+    let mut sched = GenerateSchedule::first(
+        job.start_nonce,
+        job.max_nonces,
+        ctx.worker_id as u64,
+        ctx.n_workers as u64,
+    );
     let mut src = UntilDeadline {
         sched: &mut sched,
         started: ctx.started,

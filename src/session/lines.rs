@@ -59,6 +59,32 @@ pub struct GenerateLine<'a> {
     pub n_workers: usize,
 }
 
+/// Why a bounded generation ended (the `reason` of a [`FinishedLine`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The request's `max_nonces` were all computed.
+    MaxNonces,
+    /// The request's `max_seconds` passed.
+    MaxSeconds,
+    /// The server's job limit (`--max-job-seconds`) passed first.
+    TimeLimit,
+}
+
+/// The last line of a generation whose request set `max_seconds` or `max_nonces`, once its
+/// job completed: why it ended and what it did.
+#[derive(Debug, Serialize)]
+pub struct FinishedLine {
+    /// Always "finished".
+    pub status: &'static str,
+    pub reason: FinishReason,
+    /// From the start of the stream to its end.
+    pub seconds: f64,
+    pub aggregated_batch_number: u64,
+    pub aggregated_total_computed: u64,
+    pub aggregated_total_valid: u64,
+}
+
 /// `{"error", "error_type"[, "fatal"]}`.
 #[derive(Debug, Serialize)]
 pub struct ErrorLine<'a> {

@@ -1,9 +1,11 @@
 //! The /warmup session: poll `{callback_url}/warmup/params?job_id=J` until it hands over a
 //! generation request, streaming every status as it happens; then generate like /generate and
-//! post `{callback_url}/warmup/complete`.
+//! post `{callback_url}/warmup/complete`. The generation's bounds (`max_seconds`,
+//! `max_nonces`) may come in the /warmup request, in the generation request, or both: the
+//! tighter of each applies.
 
 use super::client::{self, CallError};
-use super::generation;
+use super::generation::{self, Bounds};
 use super::lines::{ErrorLine, LineSink, SHUTTING_DOWN};
 use super::Shutdown;
 use crate::engine::Engine;
@@ -36,6 +38,8 @@ pub struct WarmupEnv {
 pub struct WarmupRequest {
     pub callback_url: String,
     pub job_id: String,
+    /// Bounds on the generation to come, on top of the generation request's own.
+    pub bounds: Bounds,
 }
 
 pub fn parse_warmup(v: &Value) -> Result<WarmupRequest, String> {
@@ -52,9 +56,11 @@ pub fn parse_warmup(v: &Value) -> Result<WarmupRequest, String> {
             ))
         }
     };
+    let bounds = Bounds::parse(&f).map_err(|e| e.to_string())?;
     Ok(WarmupRequest {
         callback_url,
         job_id,
+        bounds,
     })
 }
 
@@ -161,7 +167,10 @@ pub async fn run(env: &WarmupEnv, http: &reqwest::Client, req: &WarmupRequest, s
     };
     let gen_req = match unwrap_envelope(params).and_then(|v| generation::validate(&env.engine, &v))
     {
-        Ok(r) => r,
+        Ok(mut r) => {
+            r.bounds = r.bounds.tighter(req.bounds);
+            r
+        }
         Err(e) => {
             tracing::warn!(
                 "warmup {}: the callback's params are not a valid request: {}",
@@ -188,10 +197,7 @@ pub async fn run(env: &WarmupEnv, http: &reqwest::Client, req: &WarmupRequest, s
     {
         return;
     }
-    let handle = match env
-        .engine
-        .submit(generation::job_for(&gen_req, env.cfg.max_job))
-    {
+    let handle = match env.engine.submit(gen_req.job(env.cfg.max_job)) {
         Ok(h) => h,
         Err(e) => {
             sink.send(&ErrorLine {
@@ -203,7 +209,7 @@ pub async fn run(env: &WarmupEnv, http: &reqwest::Client, req: &WarmupRequest, s
             return;
         }
     };
-    let totals = generation::stream_generation(handle, sink).await;
+    let totals = generation::stream_generation(handle, sink, gen_req.ending(env.cfg.max_job)).await;
     let body = json!({
         "job_id": req.job_id,
         "total_batches": totals.batches,
@@ -262,6 +268,13 @@ mod tests {
             parse_warmup(&json!({"callback_url": "http://h", "job_id": []}))
                 .unwrap_err()
                 .contains("job_id")
+        );
+        let r = parse_warmup(&json!({"callback_url": "http://h", "max_nonces": 64})).unwrap();
+        assert_eq!(r.bounds.max_nonces, Some(64));
+        assert!(
+            parse_warmup(&json!({"callback_url": "http://h", "max_seconds": 0}))
+                .unwrap_err()
+                .contains("max_seconds")
         );
     }
 }

@@ -16,6 +16,18 @@ use std::time::{Duration, Instant};
 /// The window over which `llama_pow_nonces_per_second` is averaged.
 pub const RATE_WINDOW: Duration = Duration::from_secs(10);
 
+/// Every `call` label of `llama_pow_orchestrator_errors_total`: the /pooled session's calls
+/// to the orchestrator.
+pub const ORCHESTRATOR_CALLS: [&str; 7] = [
+    "connect",
+    "config",
+    "ready",
+    "results",
+    "results_batch",
+    "heartbeat",
+    "shutdown",
+];
+
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobState {
@@ -237,7 +249,7 @@ impl Metrics {
             job_state.with_label_values(&[s]).set(0);
         }
         job_state.with_label_values(&["idle"]).set(1);
-        Metrics {
+        let metrics = Metrics {
             jobs_started: counter_vec(
                 r,
                 "llama_pow_jobs_started_total",
@@ -270,7 +282,8 @@ impl Metrics {
             nonces_per_second: gauge(
                 r,
                 "llama_pow_nonces_per_second",
-                "Nonces computed per second over the last 10 s",
+                "Nonces computed per second over the last 10 s, at scrape time (a convenience: \
+                 rate(llama_pow_nonces_computed_total[...]) is the canonical throughput)",
             ),
             batch_seconds: histogram(
                 r,
@@ -433,6 +446,28 @@ impl Metrics {
             selftest: Mutex::new(None),
             recent: Mutex::new(VecDeque::new()),
             registry,
+        };
+        metrics.create_known_series();
+        metrics
+    }
+
+    /// Every labelled counter at 0 for each label value the server can give it, so that a
+    /// dashboard or an alert sees every series from the first scrape instead of after its
+    /// first event (an absent series and a zero one look different to `rate()` and `absent()`).
+    /// The per-GPU gauges are set at every scrape for each GPU NVML reports.
+    fn create_known_series(&self) {
+        use crate::engine::{Job, JobEnd, JobError};
+        for kind in Job::KINDS {
+            self.jobs_started.with_label_values(&[kind]);
+            for end in JobEnd::labels() {
+                self.jobs_finished.with_label_values(&[kind, end]);
+            }
+        }
+        for error_type in JobError::DEVICE_ERROR_TYPES {
+            self.device_errors.with_label_values(&[error_type]);
+        }
+        for call in ORCHESTRATOR_CALLS {
+            self.orchestrator_errors.with_label_values(&[call]);
         }
     }
 
@@ -512,6 +547,7 @@ impl Metrics {
         }
     }
 
+    /// `error_type`: one of [`crate::engine::JobError::DEVICE_ERROR_TYPES`].
     pub fn device_error(&self, error_type: &str) {
         self.device_errors.with_label_values(&[error_type]).inc();
     }
@@ -532,6 +568,7 @@ impl Metrics {
     /// `call`: "connect", "config", "ready", "results", "results_batch", "heartbeat",
     /// "shutdown".
     pub fn orchestrator_error(&self, call: &str) {
+        debug_assert!(ORCHESTRATOR_CALLS.contains(&call), "unknown call {call}");
         self.orchestrator_errors.with_label_values(&[call]).inc();
     }
 
@@ -638,6 +675,55 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_labelled_counter_is_at_zero_from_the_start() {
+        let text = Metrics::new().render(&[]);
+        for kind in ["generate", "range"] {
+            assert!(
+                text.contains(&format!(
+                    "llama_pow_jobs_started_total{{kind=\"{kind}\"}} 0"
+                )),
+                "{text}"
+            );
+            for end in [
+                "completed",
+                "preempted",
+                "client_gone",
+                "shutdown",
+                "requested",
+                "failed",
+            ] {
+                assert!(
+                    text.contains(&format!(
+                        "llama_pow_jobs_finished_total{{end=\"{end}\",kind=\"{kind}\"}} 0"
+                    )),
+                    "{kind} {end}: {text}"
+                );
+            }
+        }
+        for t in ["Unsupported", "OutOfMemory", "DeviceFailure"] {
+            assert!(text.contains(&format!(
+                "llama_pow_device_errors_total{{error_type=\"{t}\"}} 0"
+            )));
+        }
+        for call in ORCHESTRATOR_CALLS {
+            assert!(text.contains(&format!(
+                "llama_pow_orchestrator_errors_total{{call=\"{call}\"}} 0"
+            )));
+        }
+        for plain in [
+            "llama_pow_preemptions_total 0",
+            "llama_pow_nonces_computed_total 0",
+            "llama_pow_batches_total 0",
+            "llama_pow_batch_seconds_count 0",
+            "llama_pow_last_model_build_seconds 0",
+            "llama_pow_last_time_to_first_batch_seconds 0",
+            "llama_pow_pooled_backlog 0",
+        ] {
+            assert!(text.contains(plain), "{plain}: {text}");
+        }
+    }
 
     #[test]
     fn renders_counters_states_and_gpu_gauges() {

@@ -20,6 +20,29 @@ pub struct PooledConfig {
     pub batch_size: u64,
     /// How long a server shutdown lets the session deliver its results and say goodbye.
     pub shutdown_grace: Duration,
+    /// The client's bounds (the /pooled request's `max_seconds` and `max_nonces`): the
+    /// whole session's length, and the nonces after which it winds down.
+    pub client: ClientBounds,
+}
+
+/// What the client of a /pooled session asked for: bounds that end the session early.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ClientBounds {
+    /// The session's whole length, from the request to the wind-down.
+    pub max_seconds: Option<Duration>,
+    /// Wind down once at least this many nonces were computed (batches already in flight
+    /// are still delivered).
+    pub max_nonces: Option<u64>,
+}
+
+impl ClientBounds {
+    /// From a request's `max_seconds` and `max_nonces`.
+    pub fn of(b: &crate::session::generation::Bounds) -> Self {
+        ClientBounds {
+            max_seconds: b.max_seconds.map(Duration::from_secs_f64),
+            max_nonces: b.max_nonces,
+        }
+    }
 }
 
 /// What the orchestrator has told this worker so far (later answers override fields).

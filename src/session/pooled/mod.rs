@@ -9,14 +9,16 @@
 //! polled every `poll` for `compute`, `switch_job` and `shutdown` commands, and a heartbeat
 //! goes out every `heartbeat`. However the session ends (command, time limit, preemption,
 //! client gone, SIGTERM) it stops computing, delivers what is pending and posts its shutdown
-//! notice. [`orchestrator`] is the orchestrator's HTTP API; [`config`] what it has said.
+//! notice. The client may bound the session in its request (`max_seconds`, `max_nonces`):
+//! reaching a bound winds it down the same way, the final `shutdown` line naming the bound as
+//! its `reason`. [`orchestrator`] is the orchestrator's HTTP API; [`config`] what it has said.
 
 pub mod config;
 pub mod orchestrator;
 pub mod outbox;
 pub mod session;
 
-pub use config::{PooledConfig, WorkerConfig};
+pub use config::{ClientBounds, PooledConfig, WorkerConfig};
 pub use orchestrator::{Orchestrator, OrchestratorApi, ResultPoster};
 pub use outbox::Outbox;
 pub use session::{run, PooledEnv};

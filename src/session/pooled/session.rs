@@ -56,6 +56,8 @@ enum Outcome {
     Preempted,
     ClientGone,
     ServerShutdown,
+    /// The client's `max_seconds` or `max_nonces` was reached.
+    Bounded(&'static str),
     /// Something failed; an error line went out.
     Failed(String),
 }
@@ -65,7 +67,7 @@ impl Outcome {
         match self {
             Outcome::NotRegistered => "not registered".into(),
             Outcome::Commanded => "shutdown command".into(),
-            Outcome::TimedOut(what) => (*what).into(),
+            Outcome::TimedOut(what) | Outcome::Bounded(what) => (*what).into(),
             Outcome::Preempted => "preempted by a newer request".into(),
             Outcome::ClientGone => "client disconnected".into(),
             Outcome::ServerShutdown => "server shutting down".into(),
@@ -231,6 +233,9 @@ impl<'e, O: OrchestratorApi> Session<'e, O> {
     async fn wait_block_hash(&mut self) -> Result<(), Outcome> {
         let start = Instant::now();
         while self.cfg.block_hash.is_none() {
+            if self.client_time_is_up() {
+                return Err(Outcome::Bounded("max_seconds"));
+            }
             if start.elapsed() > self.env.cfg.max {
                 tracing::warn!(
                     "pooled {}: no block hash after {:.0} s",
@@ -259,6 +264,29 @@ impl<'e, O: OrchestratorApi> Session<'e, O> {
             }
         }
         Ok(())
+    }
+
+    /// Whether the client's `max_seconds` has passed since the session began.
+    fn client_time_is_up(&self) -> bool {
+        self.env
+            .cfg
+            .client
+            .max_seconds
+            .is_some_and(|m| self.session_start.elapsed() >= m)
+    }
+
+    /// How long until the session must end: the server's limit on computing (from
+    /// `compute_start`) or the client's on the whole session, whichever comes first, and the
+    /// outcome it ends with.
+    fn time_left(&self, compute_start: Instant) -> (Duration, Outcome) {
+        let server = self.env.cfg.max.saturating_sub(compute_start.elapsed());
+        match self.env.cfg.client.max_seconds {
+            Some(m) if m.saturating_sub(self.session_start.elapsed()) <= server => (
+                m.saturating_sub(self.session_start.elapsed()),
+                Outcome::Bounded("max_seconds"),
+            ),
+            _ => (server, Outcome::TimedOut("session time limit")),
+        }
     }
 
     fn model_params(&self) -> Result<Params, String> {
@@ -435,13 +463,13 @@ impl<'e, O: OrchestratorApi> Session<'e, O> {
 
     async fn compute(&mut self) -> Outcome {
         let start = Instant::now();
-        let max = self.env.cfg.max;
         let mut poll = tokio::time::interval(self.env.cfg.poll);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if start.elapsed() > max {
-                tracing::info!("pooled {}: session time limit reached", self.id());
-                return Outcome::TimedOut("session time limit");
+            let (left, at_end) = self.time_left(start);
+            if left.is_zero() {
+                tracing::info!("pooled {}: {} reached", self.id(), at_end.reason());
+                return at_end;
             }
             if let Some(ev) = self.deferred.pop_front() {
                 if let Step::End(o) = self.on_event(Some(ev)).await {
@@ -462,7 +490,7 @@ impl<'e, O: OrchestratorApi> Session<'e, O> {
                     ev = job.events.recv() => Wake::Event(ev),
                     _ = poll.tick() => Wake::Poll,
                     _ = tokio::time::sleep_until(next_flush), if flush_due.is_some() => Wake::Flush,
-                    _ = tokio::time::sleep(max.saturating_sub(start.elapsed())) => Wake::Tick,
+                    _ = tokio::time::sleep(left) => Wake::Tick,
                 }
             };
             let step = match step {
@@ -512,6 +540,16 @@ impl<'e, O: OrchestratorApi> Session<'e, O> {
                 }
                 let p = self.outbox.deliver(&self.orch, fresh).await;
                 self.apply_pressure(p);
+                if self
+                    .env
+                    .cfg
+                    .client
+                    .max_nonces
+                    .is_some_and(|n| self.computed >= n)
+                {
+                    tracing::info!("pooled {}: max_nonces reached", self.id());
+                    return Step::End(Outcome::Bounded("max_nonces"));
+                }
                 Step::Continue
             }
         }
@@ -675,6 +713,7 @@ mod tests {
     use crate::backend::cpu::CpuBackend;
     use crate::engine::EngineOptions;
     use crate::session::client::CallError;
+    use crate::session::pooled::ClientBounds;
     use crate::session::pooled::ResultPoster;
     use std::cell::RefCell;
     use std::rc::Rc;
@@ -773,6 +812,7 @@ mod tests {
                 max_backlog: 1000,
                 batch_size: 4,
                 shutdown_grace: Duration::from_secs(5),
+                client: ClientBounds::default(),
             },
             shutdown: Shutdown::new(shutdown),
         }
@@ -792,9 +832,15 @@ mod tests {
 
     /// Run a session to its end; its lines.
     fn session(orch: FakeOrch) -> Vec<Value> {
+        session_bounded(orch, ClientBounds::default())
+    }
+
+    /// [`session`] with the client's bounds.
+    fn session_bounded(orch: FakeOrch, client: ClientBounds) -> Vec<Value> {
         actix_web::rt::System::new().block_on(async move {
             let (_tx, rx) = watch::channel(false);
-            let env = env(rx);
+            let mut env = env(rx);
+            env.cfg.client = client;
             let (sink, mut lines) = LineSink::channel();
             let done = tokio::time::timeout(Duration::from_secs(60), run(&env, orch, sink)).await;
             assert!(done.is_ok(), "the session did not end");
@@ -853,6 +899,57 @@ mod tests {
             .map(Vec::len)
             .sum();
         assert_eq!(streamed, 40);
+    }
+
+    #[test]
+    fn the_clients_bounds_wind_the_session_down_and_say_which() {
+        // max_nonces: at least 12 computed, all delivered, long before the range's end.
+        let orch = orchestrator(
+            Seen {
+                shutdown_after: usize::MAX,
+                ..Seen::default()
+            },
+            1_000_000,
+        );
+        let seen = orch.seen.clone();
+        let lines = session_bounded(
+            orch,
+            ClientBounds {
+                max_seconds: None,
+                max_nonces: Some(12),
+            },
+        );
+        let last = lines.last().unwrap();
+        assert_eq!(
+            (last["status"].as_str(), last["reason"].as_str()),
+            (Some("shutdown"), Some("max_nonces"))
+        );
+        let s = seen.borrow();
+        assert!(s.delivered.len() >= 12 && s.delivered.len() < 1_000_000);
+        assert_eq!(s.stats.as_ref().unwrap()["reason"], "max_nonces");
+        assert_eq!(s.stats.as_ref().unwrap()["pending_results"], 0);
+        drop(s);
+
+        // max_seconds: the whole session, the orchestrator never sending a block hash.
+        let mut orch = orchestrator(
+            Seen {
+                shutdown_after: usize::MAX,
+                ..Seen::default()
+            },
+            10,
+        );
+        orch.config = json!({"status": "waiting"});
+        let t = Instant::now();
+        let lines = session_bounded(
+            orch,
+            ClientBounds {
+                max_seconds: Some(Duration::from_millis(300)),
+                max_nonces: None,
+            },
+        );
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        let last = lines.last().unwrap();
+        assert_eq!(last["reason"], "max_seconds", "{lines:?}");
     }
 
     #[test]
