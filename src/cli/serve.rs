@@ -59,6 +59,11 @@ pub struct ServeArgs {
     /// notify the orchestrator before the process exits, in seconds.
     #[arg(long, env = "LLAMA_POW_SHUTDOWN_GRACE_SECONDS", default_value = "25", value_parser = seconds)]
     pub shutdown_grace_seconds: Duration,
+    /// The longest a batch should take on a device, in seconds: once a batch has been
+    /// measured, batch sizes are cut to what the device computes in this long (never below
+    /// one nonce), so that stops and newer requests do not wait long.
+    #[arg(long, env = "LLAMA_POW_MAX_BATCH_SECONDS", default_value = "2", value_parser = seconds)]
+    pub max_batch_seconds: Duration,
     /// Built models kept across requests (each as large as the model).
     #[arg(long, env = "LLAMA_POW_MODEL_CACHE", default_value_t = 1)]
     pub model_cache: usize,
@@ -199,6 +204,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             dtype: args.dtype.dtype(),
             fp8: args.dtype.fp8(),
             model_cache: args.model_cache,
+            max_batch_duration: args.max_batch_seconds,
             ..EngineOptions::default()
         },
     );
