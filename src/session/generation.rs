@@ -9,16 +9,23 @@ use crate::engine::{
 use crate::pow::request::{Fields, ProofRequest, RequestError, PROOF_REQUEST_KEYS};
 use serde_json::Value;
 
-/// A generation request: every field of the contract is required; other top-level keys
-/// (the PyWorker may add some) are ignored, while `params` is strict.
+/// A generation request: every field of the contract is required (every missing one is named
+/// in the one error); other top-level keys (the PyWorker may add some) are ignored, while
+/// `params` is strict.
 pub fn parse_generate(v: &Value) -> Result<ProofRequest, RequestError> {
     let f = Fields::new(v, "request", "")?;
-    for key in PROOF_REQUEST_KEYS {
-        if f.get(key).is_none() {
-            return Err(RequestError(format!("{key}: missing required field")));
-        }
+    let missing: Vec<&str> = PROOF_REQUEST_KEYS
+        .into_iter()
+        .filter(|key| f.get(key).is_none())
+        .collect();
+    match missing.as_slice() {
+        [] => ProofRequest::from_fields(&f),
+        [one] => Err(RequestError(format!("{one}: missing required field"))),
+        several => Err(RequestError(format!(
+            "{}: missing required fields",
+            several.join(", ")
+        ))),
     }
-    ProofRequest::from_fields(&f)
 }
 
 /// Validate a generation request against the contract and the devices.
