@@ -32,7 +32,7 @@ pub async fn pooled(state: web::Data<AppState>, payload: web::Payload) -> HttpRe
             "the server is shutting down",
         );
     }
-    let orch = match Orchestrator::new(&url, state.cfg.client_timeout) {
+    let orch = match Orchestrator::new(&url, state.cfg.client_limits()) {
         Ok(o) => o.with_metrics(state.engine.metrics().clone()),
         Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, &e),
     };

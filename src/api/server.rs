@@ -4,6 +4,7 @@
 
 use super::routes;
 use crate::engine::Engine;
+use crate::session::client::ClientLimits;
 use crate::session::pooled::PooledConfig;
 use crate::session::warmup::WarmupConfig;
 use crate::session::Shutdown;
@@ -38,6 +39,8 @@ pub struct ServeConfig {
     pub pooled_batch_size: u64,
     /// Timeout of every outgoing call.
     pub client_timeout: Duration,
+    /// The largest reply body an outgoing call reads.
+    pub max_reply_bytes: usize,
     /// How long SIGTERM waits for sessions to deliver their results.
     pub shutdown_grace: Duration,
     pub max_body_bytes: usize,
@@ -50,6 +53,14 @@ impl ServeConfig {
             poll: self.warmup_poll,
             max: self.warmup_max,
             max_job: self.max_job,
+        }
+    }
+
+    /// What bounds every outgoing call.
+    pub fn client_limits(&self) -> ClientLimits {
+        ClientLimits {
+            timeout: self.client_timeout,
+            max_reply_bytes: self.max_reply_bytes,
         }
     }
 
@@ -81,6 +92,7 @@ impl Default for ServeConfig {
             pooled_max_backlog: 1000,
             pooled_batch_size: 32,
             client_timeout: Duration::from_secs(10),
+            max_reply_bytes: crate::session::client::DEFAULT_MAX_REPLY_BYTES,
             shutdown_grace: Duration::from_secs(25),
             max_body_bytes: super::envelope::MAX_BODY_BYTES,
         }

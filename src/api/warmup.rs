@@ -4,7 +4,7 @@
 use super::envelope::{bad_request, read_json, unwrap_envelope};
 use super::ndjson;
 use super::AppState;
-use crate::session::client;
+use crate::session::client::Client;
 use crate::session::warmup::{self, parse_warmup, WarmupEnv};
 use actix_web::{web, HttpResponse};
 
@@ -17,7 +17,7 @@ pub async fn warmup(state: web::Data<AppState>, payload: web::Payload) -> HttpRe
         Ok(r) => r,
         Err(e) => return bad_request(&e),
     };
-    let http = match client::client(state.cfg.client_timeout) {
+    let http = match Client::new(state.cfg.client_limits()) {
         Ok(c) => c,
         Err(e) => {
             return super::envelope::error_response(

@@ -55,6 +55,11 @@ pub struct ServeArgs {
     /// Timeout of every call to a warmup callback or the orchestrator, in seconds.
     #[arg(long, env = "LLAMA_POW_CLIENT_TIMEOUT_SECONDS", default_value = "10", value_parser = seconds)]
     pub client_timeout_seconds: Duration,
+    /// Largest reply body read from a warmup callback or the orchestrator, in bytes; a longer
+    /// one is a failed call (retried like a 500).
+    #[arg(long, env = "LLAMA_POW_MAX_REPLY_BYTES", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    pub max_reply_bytes: u64,
     /// On SIGTERM / SIGINT: how long /pooled sessions may take to deliver their results and
     /// notify the orchestrator before the process exits, in seconds.
     #[arg(long, env = "LLAMA_POW_SHUTDOWN_GRACE_SECONDS", default_value = "25", value_parser = seconds)]
@@ -105,6 +110,7 @@ impl ServeArgs {
             pooled_max_backlog: self.pooled_max_backlog.max(1),
             pooled_batch_size: self.pooled_batch_size,
             client_timeout: self.client_timeout_seconds,
+            max_reply_bytes: self.max_reply_bytes as usize,
             shutdown_grace: self.shutdown_grace_seconds,
             ..ServeConfig::default()
         }
