@@ -1,7 +1,7 @@
 //! POST /generate: validate, take the devices (preempting whoever has them), and stream the
 //! generation job's lines ([`crate::session::generation`]) until its time limit.
 
-use super::envelope::{bad_request, error_response, read_json, unwrap_envelope};
+use super::envelope::{bad_request, error_response, read_request};
 use super::ndjson;
 use super::AppState;
 use crate::engine::SubmitError;
@@ -21,12 +21,9 @@ pub fn refused(e: &SubmitError) -> HttpResponse {
 }
 
 pub async fn generate(state: web::Data<AppState>, payload: web::Payload) -> HttpResponse {
-    let v = match read_json(payload, state.cfg.max_body_bytes)
-        .await
-        .and_then(unwrap_envelope)
-    {
+    let v = match read_request(payload, state.cfg.body_limits()).await {
         Ok(v) => v,
-        Err(e) => return bad_request(&e),
+        Err(e) => return e.response(),
     };
     let req = match validate(&state.engine, &v) {
         Ok(r) => r,

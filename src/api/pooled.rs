@@ -1,7 +1,7 @@
 //! POST /pooled {orchestrator_url}: the request checked, then a /pooled session
 //! ([`crate::session::pooled`]) with that orchestrator streamed.
 
-use super::envelope::{bad_request, error_response, read_json, unwrap_envelope};
+use super::envelope::{error_response, read_request};
 use super::ndjson;
 use super::AppState;
 use crate::pow::request::Fields;
@@ -18,13 +18,12 @@ pub fn parse_pooled(v: &Value) -> Result<String, String> {
 }
 
 pub async fn pooled(state: web::Data<AppState>, payload: web::Payload) -> HttpResponse {
-    let url = match read_json(payload, state.cfg.max_body_bytes)
+    let url = match read_request(payload, state.cfg.body_limits())
         .await
-        .and_then(unwrap_envelope)
-        .and_then(|v| parse_pooled(&v))
+        .and_then(|v| Ok(parse_pooled(&v)?))
     {
         Ok(u) => u,
-        Err(e) => return bad_request(&e),
+        Err(e) => return e.response(),
     };
     if state.shutting_down() {
         return error_response(

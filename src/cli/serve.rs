@@ -82,6 +82,14 @@ pub struct ServeArgs {
     /// per batch instead of thousands; single-GPU groups). Off until measured on a GPU.
     #[arg(long, env = "LLAMA_POW_CUDA_GRAPHS")]
     pub cuda_graphs: bool,
+    /// How long a request body may take to arrive, whole, in seconds (408 after that).
+    #[arg(long, env = "LLAMA_POW_BODY_TIMEOUT_SECONDS", default_value = "10", value_parser = seconds)]
+    pub body_timeout_seconds: Duration,
+    /// Connections served at once over all HTTP workers; further ones wait to be accepted.
+    /// Cut at start-up to stay below the open-file limit.
+    #[arg(long, env = "LLAMA_POW_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
     /// HTTP worker threads.
     #[arg(long, env = "LLAMA_POW_HTTP_WORKERS", default_value_t = 2,
           value_parser = clap::value_parser!(u64).range(1..=64))]
@@ -112,6 +120,8 @@ impl ServeArgs {
             client_timeout: self.client_timeout_seconds,
             max_reply_bytes: self.max_reply_bytes as usize,
             shutdown_grace: self.shutdown_grace_seconds,
+            body_timeout: self.body_timeout_seconds,
+            max_connections: self.max_connections as usize,
             ..ServeConfig::default()
         }
     }
