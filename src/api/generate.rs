@@ -55,6 +55,8 @@ pub async fn generate(state: web::Data<AppState>, payload: web::Payload) -> Http
         req.params
     );
     ndjson::response(move |sink| async move {
-        generation::stream_generation(handle, &sink).await;
+        // A session, so that a shutdown lets the stream end with its shutdown line.
+        let _session = state.sessions.enter();
+        generation::stream_generation(handle, &sink, &state.shutdown).await;
     })
 }

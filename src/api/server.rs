@@ -1,6 +1,6 @@
 //! The server as a whole: its options ([`ServeConfig`]), what every handler shares
 //! ([`AppState`]), and its life ([`serve`]): bind, bring the devices up, print the ready line,
-//! serve until SIGTERM / SIGINT, then shut down gracefully.
+//! serve until SIGTERM / SIGINT / SIGHUP, then shut down gracefully.
 
 use super::envelope::BodyLimits;
 use super::routes;
@@ -73,7 +73,8 @@ pub struct ServeConfig {
     pub client_timeout: Duration,
     /// The largest reply body an outgoing call reads.
     pub max_reply_bytes: usize,
-    /// How long SIGTERM waits for sessions to deliver their results.
+    /// How long SIGTERM / SIGINT / SIGHUP wait for streams to end and sessions to deliver
+    /// their results.
     pub shutdown_grace: Duration,
     pub max_body_bytes: usize,
     /// How long a request body may take to arrive, whole.
@@ -227,15 +228,19 @@ impl AppState {
     }
 }
 
-/// Bind, print the ready line, serve until SIGTERM / SIGINT, then shut down gracefully:
-/// stop the running job, let /pooled sessions deliver their results and say goodbye to the
-/// orchestrator (for at most `shutdown_grace`), close the listener.
+/// Bind, print the ready line, serve until SIGTERM / SIGINT / SIGHUP (all three alike), then
+/// shut down gracefully: stop the running job, let streams end with their shutdown line and
+/// /pooled sessions deliver their results and say goodbye to the orchestrator (for at most
+/// `shutdown_grace`), close the listener.
 pub async fn serve(cfg: ServeConfig, engine: Engine) -> anyhow::Result<()> {
     use anyhow::Context;
     use tokio::signal::unix::{signal, SignalKind};
 
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    // A hang-up (the terminal or the supervisor going away) ends the server as SIGTERM does,
+    // with the results delivered, rather than killing it where it stands.
+    let mut sighup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
 
     let workers = cfg.http_workers.max(1);
     let files = open_file_limit();
@@ -294,6 +299,7 @@ pub async fn serve(cfg: ServeConfig, engine: Engine) -> anyhow::Result<()> {
     let which = tokio::select! {
         _ = sigterm.recv() => "SIGTERM",
         _ = sigint.recv() => "SIGINT",
+        _ = sighup.recv() => "SIGHUP",
         r = &mut server_task => {
             r.context("the HTTP server task failed")?.context("the HTTP server stopped")?;
             return Ok(());
@@ -313,6 +319,7 @@ pub async fn serve(cfg: ServeConfig, engine: Engine) -> anyhow::Result<()> {
         }
         _ = sigterm.recv() => tracing::warn!("second SIGTERM: exiting now"),
         _ = sigint.recv() => tracing::warn!("second SIGINT: exiting now"),
+        _ = sighup.recv() => tracing::warn!("second SIGHUP: exiting now"),
     }
     let e = engine.clone();
     let _ = actix_web::rt::task::spawn_blocking(move || e.wait_idle(Duration::from_secs(5))).await;

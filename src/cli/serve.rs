@@ -60,8 +60,9 @@ pub struct ServeArgs {
     #[arg(long, env = "LLAMA_POW_MAX_REPLY_BYTES", default_value_t = 1 << 20,
           value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
     pub max_reply_bytes: u64,
-    /// On SIGTERM / SIGINT: how long /pooled sessions may take to deliver their results and
-    /// notify the orchestrator before the process exits, in seconds.
+    /// On SIGTERM / SIGINT / SIGHUP: how long streams may take to end with their shutdown
+    /// line and /pooled sessions to deliver their results and notify the orchestrator before
+    /// the process exits, in seconds.
     #[arg(long, env = "LLAMA_POW_SHUTDOWN_GRACE_SECONDS", default_value = "25", value_parser = seconds)]
     pub shutdown_grace_seconds: Duration,
     /// The longest a batch should take on a device, in seconds: once a batch has been

@@ -1,13 +1,21 @@
 //! A generation job (/generate, and /warmup once it has its parameters) as NDJSON lines:
 //! one line per batch that found at least one valid nonce, an error line for a failure, and
 //! the fixed line of a preempted or shut-down job, until the job ends or the client goes away.
+//! Once the server shuts down, the stream ends with the shutdown line within
+//! [`SHUTDOWN_DRAIN`], whether or not the job has finished by then.
 
 use super::lines::{BatchFields, ErrorLine, GenerateLine, LineSink, PREEMPTED, SHUTTING_DOWN};
+use super::Shutdown;
 use crate::engine::{
     BatchReport, Engine, GenerateJob, Job, JobEnd, JobEvent, JobHandle, ModelSpec, StopReason,
 };
 use crate::pow::request::{Fields, ProofRequest, RequestError, PROOF_REQUEST_KEYS};
 use serde_json::Value;
+use std::time::Duration;
+
+/// How long a stream waits, once the server shuts down, for its job's last events before it
+/// writes the shutdown line and ends.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
 
 /// A generation request: every field of the contract is required (every missing one is named
 /// in the one error); other top-level keys (the PyWorker may add some) are ignored, while
@@ -74,13 +82,32 @@ fn stop_for_gone_client(handle: &JobHandle, t: &mut GenerationTotals) {
     t.client_gone = true;
 }
 
-/// Write a generation job's events as lines until it ends or the client goes away.
-pub async fn stream_generation(mut handle: JobHandle, sink: &LineSink) -> GenerationTotals {
+/// Write a generation job's events as lines until it ends or the client goes away; when the
+/// server shuts down, end with the shutdown line within [`SHUTDOWN_DRAIN`].
+pub async fn stream_generation(
+    mut handle: JobHandle,
+    sink: &LineSink,
+    shutdown: &Shutdown,
+) -> GenerationTotals {
     let mut t = GenerationTotals::default();
+    let drain = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(drain);
+    let mut draining = false;
     loop {
         let ev = tokio::select! {
             ev = handle.events.recv() => ev,
             _ = sink.closed() => None,
+            _ = shutdown.wait(), if !draining => {
+                draining = true;
+                drain.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_DRAIN);
+                continue;
+            }
+            _ = &mut drain => {
+                // The job has not finished in time (the engine was told to stop it).
+                tracing::info!(job = handle.id, "shutting down: ending the stream of job {}", handle.id);
+                sink.send(&SHUTTING_DOWN).await;
+                break;
+            }
         };
         let Some(ev) = ev else {
             if sink.is_closed() {
@@ -107,6 +134,11 @@ pub async fn stream_generation(mut handle: JobHandle, sink: &LineSink) -> Genera
                         sink.send(&PREEMPTED).await;
                     }
                     JobEnd::Stopped(StopReason::Shutdown) => {
+                        sink.send(&SHUTTING_DOWN).await;
+                    }
+                    // A job that ended some other way as the server shuts down: the stream
+                    // still says why it ends here.
+                    _ if shutdown.is_set() => {
                         sink.send(&SHUTTING_DOWN).await;
                     }
                     _ => {}

@@ -200,7 +200,7 @@ pub async fn run(env: &WarmupEnv, http: &Client, req: &WarmupRequest, sink: &Lin
             return;
         }
     };
-    let totals = generation::stream_generation(handle, sink).await;
+    let totals = generation::stream_generation(handle, sink, &env.shutdown).await;
     let body = json!({
         "job_id": req.job_id,
         "total_batches": totals.batches,
