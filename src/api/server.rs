@@ -242,6 +242,8 @@ pub async fn serve(cfg: ServeConfig, engine: Engine) -> anyhow::Result<()> {
     // with the results delivered, rather than killing it where it stands.
     let mut sighup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
 
+    // A job's buffers go back to the system once it ends, not into the allocator's arenas.
+    crate::engine::heap::map_large_blocks();
     let workers = cfg.http_workers.max(1);
     let files = open_file_limit();
     let connections = connection_cap(cfg.max_connections, files);
