@@ -22,10 +22,9 @@ pub fn refused(e: &SubmitError) -> HttpResponse {
 }
 
 pub async fn generate(state: web::Data<AppState>, payload: web::Payload) -> HttpResponse {
-    let limit = state.cfg.max_body_bytes;
     let req = match read_compute_request(
         payload,
-        limit,
+        state.cfg.body_limits(),
         "generate",
         || state.shutting_down(),
         |v| validate(&state.engine, v),
@@ -53,6 +52,8 @@ pub async fn generate(state: web::Data<AppState>, payload: web::Payload) -> Http
     );
     let ending = req.ending(state.cfg.max_job);
     ndjson::response(move |sink| async move {
-        generation::stream_generation(handle, &sink, ending).await;
+        // A session, so that a shutdown lets the stream end with its shutdown line.
+        let _session = state.sessions.enter();
+        generation::stream_generation(handle, &sink, ending, &state.shutdown).await;
     })
 }

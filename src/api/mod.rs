@@ -27,18 +27,30 @@ async fn not_found() -> HttpResponse {
     )
 }
 
-async fn method_not_allowed() -> HttpResponse {
-    envelope::error_response(
+/// 405 naming the methods `allow` lists (and saying so in the Allow header).
+fn not_allowed(allow: &'static str) -> HttpResponse {
+    let words = allow.replace(", ", " and ");
+    let mut r = envelope::error_response(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method not allowed: this endpoint takes POST",
-    )
+        &format!("method not allowed: this endpoint takes {words}"),
+    );
+    r.headers_mut().insert(
+        actix_web::http::header::ALLOW,
+        actix_web::http::header::HeaderValue::from_static(allow),
+    );
+    r
+}
+
+async fn method_not_allowed() -> HttpResponse {
+    not_allowed("POST")
 }
 
 async fn get_only() -> HttpResponse {
-    envelope::error_response(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method not allowed: this endpoint takes GET",
-    )
+    not_allowed("GET")
+}
+
+async fn get_or_post() -> HttpResponse {
+    not_allowed("GET, POST")
 }
 
 /// Every route.
@@ -47,7 +59,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         web::resource("/health")
             .route(web::get().to(health::health))
             .route(web::post().to(health::health))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(get_or_post)),
     )
     .service(
         web::resource("/metrics")

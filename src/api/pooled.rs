@@ -1,7 +1,7 @@
 //! POST /pooled {orchestrator_url}: the request checked, then a /pooled session
 //! ([`crate::session::pooled`]) with that orchestrator streamed.
 
-use super::envelope::{bad_request, error_response, read_json, unwrap_envelope};
+use super::envelope::{error_response, read_request};
 use super::ndjson;
 use super::AppState;
 use crate::pow::request::Fields;
@@ -32,13 +32,12 @@ pub fn parse_pooled(v: &Value) -> Result<PooledRequest, String> {
 }
 
 pub async fn pooled(state: web::Data<AppState>, payload: web::Payload) -> HttpResponse {
-    let (url, bounds) = match read_json(payload, state.cfg.max_body_bytes)
+    let (url, bounds) = match read_request(payload, state.cfg.body_limits())
         .await
-        .and_then(unwrap_envelope)
-        .and_then(|v| parse_pooled(&v))
+        .and_then(|v| Ok(parse_pooled(&v)?))
     {
         Ok(r) => (r.orchestrator_url, r.bounds),
-        Err(e) => return bad_request(&e),
+        Err(e) => return e.response(),
     };
     if state.shutting_down() {
         return error_response(
@@ -46,7 +45,7 @@ pub async fn pooled(state: web::Data<AppState>, payload: web::Payload) -> HttpRe
             "the server is shutting down",
         );
     }
-    let orch = match Orchestrator::new(&url, state.cfg.client_timeout) {
+    let orch = match Orchestrator::new(&url, state.cfg.client_limits()) {
         Ok(o) => o.with_metrics(state.engine.metrics().clone()),
         Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, &e),
     };

@@ -2,7 +2,7 @@
 //! before anything runs (every field named in its error), then the validation session
 //! ([`crate::session::validation`]) streams a progress line per batch and the verdict.
 
-use super::envelope::read_compute_request;
+use super::envelope::{read_compute_request, BodyLimits};
 use super::ndjson;
 use super::AppState;
 use crate::session::validation::{self, validate_request};
@@ -13,10 +13,13 @@ use actix_web::{web, HttpResponse};
 pub const MAX_VALIDATE_BODY_BYTES: usize = 64 << 20;
 
 pub async fn validate(state: web::Data<AppState>, payload: web::Payload) -> HttpResponse {
-    let limit = MAX_VALIDATE_BODY_BYTES.max(state.cfg.max_body_bytes);
+    let limits = BodyLimits {
+        max_bytes: MAX_VALIDATE_BODY_BYTES.max(state.cfg.max_body_bytes),
+        ..state.cfg.body_limits()
+    };
     let req = match read_compute_request(
         payload,
-        limit,
+        limits,
         "validate",
         || state.shutting_down(),
         |v| validate_request(&state.engine, v),

@@ -1,23 +1,22 @@
 //! POST /warmup {callback_url, job_id?}: the request checked, then the /warmup session
 //! ([`crate::session::warmup`]) streamed.
 
-use super::envelope::{bad_request, read_json, unwrap_envelope};
+use super::envelope::read_request;
 use super::ndjson;
 use super::AppState;
-use crate::session::client;
+use crate::session::client::Client;
 use crate::session::warmup::{self, parse_warmup, WarmupEnv};
 use actix_web::{web, HttpResponse};
 
 pub async fn warmup(state: web::Data<AppState>, payload: web::Payload) -> HttpResponse {
-    let req = match read_json(payload, state.cfg.max_body_bytes)
+    let req = match read_request(payload, state.cfg.body_limits())
         .await
-        .and_then(unwrap_envelope)
-        .and_then(|v| parse_warmup(&v))
+        .and_then(|v| Ok(parse_warmup(&v)?))
     {
         Ok(r) => r,
-        Err(e) => return bad_request(&e),
+        Err(e) => return e.response(),
     };
-    let http = match client::client(state.cfg.client_timeout) {
+    let http = match Client::new(state.cfg.client_limits()) {
         Ok(c) => c,
         Err(e) => {
             return super::envelope::error_response(

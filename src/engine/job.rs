@@ -5,7 +5,7 @@
 //! [`super::worker`]'s.
 
 use super::signal::Signal;
-use crate::backend::BackendError;
+use crate::backend::{BackendError, StopToken};
 use crate::pow::params::Params;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -241,6 +241,8 @@ impl JobError {
             BackendError::Unsupported(_) => ("Unsupported", false),
             BackendError::OutOfMemory(_) => ("OutOfMemory", false),
             BackendError::Device(_) => ("DeviceFailure", true),
+            // Workers treat a stopped batch as the stop it is and never report it.
+            BackendError::Stopped => ("Stopped", false),
         };
         JobError {
             message: e.to_string(),
@@ -313,6 +315,9 @@ pub enum JobEvent {
 pub struct JobControl {
     /// The [`StopReason`] code, 0 while the job runs; watched by async readers.
     stop: watch::Sender<u8>,
+    /// Set with the first stop, for backends to give up the batch they compute
+    /// ([`JobControl::stop_token`]).
+    stopped_flag: Arc<AtomicBool>,
     paused: AtomicBool,
     assignment: Mutex<AssignmentSlot>,
     signal: Arc<Signal>,
@@ -330,14 +335,17 @@ impl JobControl {
     pub(crate) fn new(signal: Arc<Signal>) -> Self {
         JobControl {
             stop: watch::Sender::new(0),
+            stopped_flag: Arc::new(AtomicBool::new(false)),
             paused: AtomicBool::new(false),
             assignment: Mutex::new(AssignmentSlot::default()),
             signal,
         }
     }
 
-    /// Ask the job to stop after the batches in flight (the first reason given wins).
+    /// Ask the job to stop (the first reason given wins). Batches in flight are given up
+    /// where their backend can (the CPU between layers; see [`JobControl::stop_token`]).
     pub fn stop(&self, reason: StopReason) {
+        self.stopped_flag.store(true, Ordering::SeqCst);
         self.stop.send_if_modified(|code| {
             let first = *code == 0;
             if first {
@@ -350,6 +358,11 @@ impl JobControl {
 
     pub fn stopped(&self) -> Option<StopReason> {
         StopReason::from_code(*self.stop.borrow())
+    }
+
+    /// What a backend asks, while it computes a batch of this job, whether to give it up.
+    pub fn stop_token(&self) -> StopToken {
+        StopToken::new(self.stopped_flag.clone())
     }
 
     /// Resolves once the job has been told to stop.

@@ -467,8 +467,13 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// Held by the tests that load every core for seconds and by the one that measures gaps of
+/// milliseconds, so that they do not run at the same time.
+static CORES: Mutex<()> = Mutex::new(());
+
 #[test]
 fn overlapping_devices_get_their_next_batch_prepared_while_they_compute() {
+    let _cores = lock(&CORES);
     const BATCH: u64 = 8;
     const N: usize = 10;
     let job = JobSpec::new("bh", "pk", &heavy(), Dtype::F16, 10.0);
@@ -805,4 +810,240 @@ fn a_validation_on_an_overlapping_device_loses_no_nonce_drawn_ahead() {
             assert_eq!(dist, &want);
         }
     }
+}
+
+/// A model of many thin layers: a batch of eight takes a second or two on the CPU, each of
+/// its 48 layers a small fraction of that.
+fn deep() -> Params {
+    Params {
+        dim: 128,
+        n_layers: 48,
+        n_heads: 2,
+        n_kv_heads: 2,
+        vocab_size: 64,
+        multiple_of: 128,
+        seq_len: 256,
+        ..Params::default()
+    }
+}
+
+/// How long one nonce of `p` takes on the CPU (the model built, one batch of one).
+fn one_nonce_time(p: &Params) -> Duration {
+    let be = CpuBackend::new();
+    let m = be.build_model("bh", p, Dtype::F16).unwrap();
+    let job = JobSpec::new("bh", "pk", p, Dtype::F16, 10.0);
+    let b = batch::prepare(&job, vec![1]);
+    let t0 = Instant::now();
+    be.run_batch(&m, &job, b, false).unwrap();
+    t0.elapsed()
+}
+
+/// The job's events until it finishes, and how long after `since` it did.
+fn until_finished(h: &mut JobHandle, since: Instant) -> (Vec<BatchReport>, JobEnd, Duration) {
+    let mut out = Vec::new();
+    loop {
+        match h.events.blocking_recv().expect("finished comes last") {
+            JobEvent::Batch(b) => out.push(b),
+            JobEvent::Finished(end) => return (out, end, since.elapsed()),
+            JobEvent::ModelReady { .. } => {}
+            JobEvent::Error(e) => panic!("{e:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_stop_gives_up_the_cpu_batch_in_flight_between_layers() {
+    let _cores = lock(&CORES);
+    let p = deep();
+    let per_nonce = one_nonce_time(&p);
+    let layer = per_nonce / p.n_layers as u32;
+    let e = engine();
+    // Eight nonces a batch: seconds, before the duration bound has measured anything.
+    let mut h = e.submit(gen_with(p.clone(), 600.0, 8, 10.0)).unwrap();
+    assert!(matches!(
+        h.events.blocking_recv(),
+        Some(JobEvent::ModelReady { .. })
+    ));
+    thread::sleep(per_nonce / 2);
+    let t0 = Instant::now();
+    h.control.stop(StopReason::Requested);
+    let (batches, end, latency) = until_finished(&mut h, t0);
+    assert_eq!(end, JobEnd::Stopped(StopReason::Requested));
+    assert!(batches.is_empty(), "the batch in flight is dropped whole");
+    // About one layer of the eight-nonce batch (a 48th of it) when the cores are free; far
+    // within the batch itself however busy they are with other tests.
+    let batch = per_nonce * 8;
+    assert!(
+        latency < batch / 4,
+        "stopped after {latency:?}; a layer takes {:?}, the batch {batch:?}",
+        layer * 8
+    );
+}
+
+#[test]
+fn the_time_limit_ends_a_generate_job_inside_its_batch() {
+    let _cores = lock(&CORES);
+    let p = deep();
+    let per_nonce = one_nonce_time(&p);
+    let e = engine();
+    let limit = per_nonce;
+    let mut h = e
+        .submit(gen_with(p.clone(), limit.as_secs_f64(), 8, 10.0))
+        .unwrap();
+    assert!(matches!(
+        h.events.blocking_recv(),
+        Some(JobEvent::ModelReady { .. })
+    ));
+    let t0 = Instant::now();
+    let (batches, end, took) = until_finished(&mut h, t0);
+    assert_eq!(end, JobEnd::Completed, "the time limit is a completion");
+    assert!(batches.is_empty());
+    assert!(
+        took < limit + per_nonce * 8 / 4,
+        "ended {took:?} after the model was ready; limit {limit:?}, batch {:?}",
+        per_nonce * 8
+    );
+}
+
+#[test]
+fn cpu_batches_shrink_to_the_duration_bound() {
+    let _cores = lock(&CORES);
+    let p = deep();
+    let per_nonce = one_nonce_time(&p);
+    // A bound of about two nonces: the first batch (6) is measured, the next ones fit it.
+    let e = Engine::new(
+        vec![Arc::new(CpuBackend::new())],
+        EngineOptions {
+            max_batch_duration: per_nonce * 2 + per_nonce / 2,
+            ..EngineOptions::default()
+        },
+    );
+    let sizes: Vec<usize> = first_batches(&e, gen_with(p, 600.0, 6, 10.0), 3)
+        .iter()
+        .map(|b| b.nonces.len())
+        .collect();
+    assert_eq!(sizes[0], 6);
+    // About two or three by the measurement (which other tests' load may blur): fewer than six.
+    assert!(
+        sizes[1..].iter().all(|&n| (1..=4).contains(&n)),
+        "{sizes:?} (one nonce takes {per_nonce:?})"
+    );
+}
+
+/// A CPU that gives up the first batch it is handed, as if told to stop, although the job
+/// goes on.
+struct GivesUpOnce {
+    cpu: CpuBackend,
+    given_up: AtomicBool,
+    released: std::sync::atomic::AtomicUsize,
+}
+
+impl Backend for GivesUpOnce {
+    fn name(&self) -> String {
+        "gives-up-once".into()
+    }
+    fn check(&self, p: &Params, d: Dtype) -> Result<(), BackendError> {
+        self.cpu.check(p, d)
+    }
+    fn build_model(&self, bh: &str, p: &Params, d: Dtype) -> Result<Model, BackendError> {
+        self.cpu.build_model(bh, p, d)
+    }
+    fn forward_last_logits(
+        &self,
+        m: &Model,
+        inputs: &[f32],
+        batch: usize,
+    ) -> Result<Vec<f32>, BackendError> {
+        self.cpu.forward_last_logits(m, inputs, batch)
+    }
+    fn run_batch(
+        &self,
+        m: &Model,
+        job: &JobSpec,
+        b: PreparedBatch,
+        all_distances: bool,
+    ) -> Result<BatchResult, BackendError> {
+        if !self.given_up.swap(true, Ordering::SeqCst) {
+            return Err(BackendError::Stopped);
+        }
+        self.cpu.run_batch(m, job, b, all_distances)
+    }
+    fn bytes_per_nonce(&self, p: &Params) -> u64 {
+        cpu::bytes_per_nonce(p)
+    }
+    fn release_working_memory(&self) {
+        self.released.fetch_add(1, Ordering::SeqCst);
+        self.cpu.release_working_memory();
+    }
+}
+
+#[test]
+fn a_range_batch_given_up_midway_is_computed_again_and_nothing_is_lost() {
+    let dev = Arc::new(GivesUpOnce {
+        cpu: CpuBackend::new(),
+        given_up: AtomicBool::new(false),
+        released: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let e = Engine::new(vec![dev.clone()], EngineOptions::default());
+    let mut h = e
+        .submit(Job::Range(RangeJob {
+            model: ModelSpec {
+                block_hash: "bh".into(),
+                params: tiny(),
+            },
+            batch_size: 4,
+        }))
+        .unwrap();
+    h.control.assign(
+        Assignment {
+            public_key: "k".into(),
+            block_height: 1,
+            r_target: 10.0,
+            range_start: 0,
+            range_end: 9,
+        },
+        true,
+    );
+    let mut seen = Vec::new();
+    while seen.len() < 10 {
+        match h.events.blocking_recv().unwrap() {
+            JobEvent::Batch(b) => seen.extend(b.nonces),
+            JobEvent::Error(e) => panic!("a stopped batch is no failure: {e:?}"),
+            JobEvent::Finished(end) => panic!("ended early: {end:?}"),
+            JobEvent::ModelReady { .. } => {}
+        }
+    }
+    assert!(dev.given_up.load(Ordering::SeqCst));
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (0..=9).collect::<Vec<_>>(),
+        "every nonce exactly once"
+    );
+    assert!(!e.status().device_failed);
+    h.control.stop(StopReason::Requested);
+    let (_, end, _) = drain(&mut h);
+    assert_eq!(end, JobEnd::Stopped(StopReason::Requested));
+    assert_eq!(
+        dev.released.load(Ordering::SeqCst),
+        1,
+        "released when the job ended"
+    );
+}
+
+#[test]
+fn cpu_scratch_is_released_when_a_job_ends() {
+    let cpu = Arc::new(CpuBackend::new());
+    let e = Engine::new(vec![cpu.clone()], EngineOptions::default());
+    let (batches, _, _) = drain(&mut e.submit(gen(0.2, 4)).unwrap());
+    assert!(!batches.is_empty());
+    // What is left to give back is the cached model alone.
+    let m = cpu.build_model("other", &tiny(), Dtype::F16).unwrap();
+    let model_only = cpu.reclaimable_bytes();
+    drop(m);
+    assert_eq!(
+        cpu.reclaimable_bytes() * 2,
+        model_only,
+        "one cached model left"
+    );
 }

@@ -4,6 +4,11 @@
 //! with its range). Both compute through one [`Pipeline`], which on devices that overlap
 //! preparation draws the next batch's inputs on the host while the device computes the
 //! current one, and both send a [`BatchReport`] per batch.
+//!
+//! A stop reaches a batch in flight through its [`JobSpec::stop`]: the device may give the
+//! batch up midway ([`BackendError::Stopped`]). Such a batch is dropped whole and none of its
+//! nonces is reported; a range worker puts them back in front of its schedule, so that a
+//! range that goes on computes them after all.
 
 use super::job::{
     send_event, send_event_unless_stopped, Assignment, BatchReport, GenerateJob, Job, JobControl,
@@ -11,7 +16,7 @@ use super::job::{
 };
 use super::sizer::BatchSizer;
 use crate::backend::batch;
-use crate::backend::{Backend, BatchResult, JobSpec, Model, PreparedBatch};
+use crate::backend::{Backend, BackendError, BatchResult, JobSpec, Model, PreparedBatch};
 use crate::pow::nonces::{GenerateSchedule, RangeSchedule};
 use crate::pow::params::Params;
 use crate::telemetry::Metrics;
@@ -66,6 +71,8 @@ pub(super) struct WorkerCtx<'a> {
     /// When the job was submitted, and whether any worker has finished a batch yet.
     pub submitted: Instant,
     pub first_batch: &'a AtomicBool,
+    /// The longest a batch should take ([`BatchSizer`] cuts sizes to it once measured).
+    pub max_batch_duration: Duration,
 }
 
 /// Run the worker of `job` on `ctx`'s device; what it computed.
@@ -135,12 +142,41 @@ impl NonceSource for ListShare<'_> {
     }
 }
 
-impl NonceSource for RangeSchedule {
+/// A range worker's nonces: its schedule, behind the nonces of batches given up midway.
+struct RangeNonces {
+    sched: RangeSchedule,
+    /// Nonces of stopped batches, taken before the schedule's.
+    given_back: Vec<u64>,
+}
+
+impl RangeNonces {
+    fn new(sched: RangeSchedule) -> Self {
+        RangeNonces {
+            sched,
+            given_back: Vec::new(),
+        }
+    }
+
+    /// Put back the nonces of a batch that was given up: none of them was reported.
+    fn give_back(&mut self, mut nonces: Vec<u64>) {
+        nonces.append(&mut self.given_back);
+        self.given_back = nonces;
+    }
+}
+
+impl NonceSource for RangeNonces {
     fn take(&mut self, n: usize) -> Vec<u64> {
-        self.next_batch(n)
+        let mut out: Vec<u64> = self
+            .given_back
+            .drain(..n.min(self.given_back.len()))
+            .collect();
+        if out.len() < n {
+            out.extend(self.sched.next_batch(n - out.len()));
+        }
+        out
     }
     fn more(&self) -> bool {
-        !self.is_done()
+        !self.given_back.is_empty() || !self.sched.is_done()
     }
 }
 
@@ -185,14 +221,22 @@ impl Ahead {
     }
 }
 
+/// Why a batch came back without a result.
+enum Halt {
+    /// The device failed (already reported).
+    Failed,
+    /// The device gave the batch up because the job is stopping: its nonces, none reported.
+    Stopped(Vec<u64>),
+}
+
 /// What one step of the pipeline did.
 enum Step {
     /// A batch computed, and the time it is reported with.
     Computed(BatchResult, Duration),
     /// The source had no nonces.
     Idle,
-    /// The device failed (already reported).
-    Failed,
+    /// No result: see [`Halt`].
+    Halted(Halt),
 }
 
 /// A worker's batches through its device: sized by a [`BatchSizer`], and, on devices that
@@ -231,8 +275,8 @@ impl<'c, 'a> Pipeline<'c, 'a> {
                 return Step::Idle;
             }
             return match self.ctx.compute(spec, nonces, size, &mut self.sizer) {
-                Some((r, took)) => Step::Computed(r, took),
-                None => Step::Failed,
+                Ok((r, took)) => Step::Computed(r, took),
+                Err(h) => Step::Halted(h),
             };
         }
         let cur = match self.ahead.take() {
@@ -257,8 +301,8 @@ impl<'c, 'a> Pipeline<'c, 'a> {
             .compute_overlapped(spec, cur, next, &mut self.sizer);
         self.ahead = next.map(|b| Ahead::drawn(b, size, spec, at));
         match done {
-            Some((r, device_time)) => Step::Computed(r, device_time),
-            None => Step::Failed,
+            Ok((r, device_time)) => Step::Computed(r, device_time),
+            Err(h) => Step::Halted(h),
         }
     }
 }
@@ -271,7 +315,8 @@ impl WorkerCtx<'_> {
             self.batch_size,
             device_max,
             self.device.overlaps_preparation(),
-        );
+        )
+        .with_max_duration(self.max_batch_duration);
         if s.cap() < self.batch_size {
             tracing::info!(
                 worker = self.worker_id,
@@ -314,15 +359,28 @@ impl WorkerCtx<'_> {
     }
 
     /// Run a prepared batch on the device (the proofs' distances, or every one for jobs that
-    /// want them): the result and the device time; None (after reporting) when the device
-    /// failed.
-    fn run_on_device(&self, spec: &JobSpec, b: PreparedBatch) -> Option<(BatchResult, Duration)> {
+    /// want them): the result and the device time; a halt when the device failed (reported
+    /// here) or gave the batch up for a stop (not a failure: nothing is reported).
+    fn run_on_device(
+        &self,
+        spec: &JobSpec,
+        b: PreparedBatch,
+    ) -> Result<(BatchResult, Duration), Halt> {
         let t0 = Instant::now();
+        let nonces = b.nonces.clone();
         match self
             .device
             .run_batch(&self.model, spec, b, self.all_distances)
         {
-            Ok(r) => Some((r, t0.elapsed())),
+            Ok(r) => Ok((r, t0.elapsed())),
+            Err(BackendError::Stopped) => {
+                tracing::debug!(
+                    worker = self.worker_id,
+                    "a batch of {} nonces was given up midway for a stop",
+                    nonces.len()
+                );
+                Err(Halt::Stopped(nonces))
+            }
             Err(e) => {
                 let err = JobError::from_backend(&e);
                 self.metrics.device_error(err.error_type);
@@ -337,7 +395,7 @@ impl WorkerCtx<'_> {
                 );
                 self.control.stop(StopReason::Failed);
                 send_event(self.tx, JobEvent::Error(err));
-                None
+                Err(Halt::Failed)
             }
         }
     }
@@ -352,34 +410,33 @@ impl WorkerCtx<'_> {
     }
 
     /// Prepare and compute one batch of `size` (devices that do not overlap preparation): the
-    /// result and how long it took (inputs, forward pass and distances); None (after
-    /// reporting) when the device failed.
+    /// result and how long it took (inputs, forward pass and distances), or why there is none.
     fn compute(
         &self,
         spec: &JobSpec,
         nonces: Vec<u64>,
         size: usize,
         sizer: &mut BatchSizer,
-    ) -> Option<(BatchResult, Duration)> {
+    ) -> Result<(BatchResult, Duration), Halt> {
         let t0 = Instant::now();
         let prepared = batch::prepare(spec, nonces);
         let (r, device_time) = self.run_on_device(spec, prepared)?;
         let took = t0.elapsed();
         sizer.record(size, r.nonces.len(), device_time);
         self.count(&r, took);
-        Some((r, took))
+        Ok((r, took))
     }
 
     /// Compute `cur` on the device (from this thread, the one that always drives it) while a
     /// helper thread prepares `next` (when not empty) on the host's threads: the result and
-    /// the device time (None, after reporting, when the device failed), and the next batch.
+    /// the device time (or why there is none), and the next batch.
     fn compute_overlapped(
         &self,
         spec: &JobSpec,
         cur: Ahead,
         next: Vec<u64>,
         sizer: &mut BatchSizer,
-    ) -> (Option<(BatchResult, Duration)>, Option<PreparedBatch>) {
+    ) -> (Result<(BatchResult, Duration), Halt>, Option<PreparedBatch>) {
         let (done, next) = thread::scope(|s| {
             let helper = if next.is_empty() {
                 None
@@ -417,6 +474,8 @@ impl WorkerCtx<'_> {
 }
 
 fn generate_worker(ctx: &WorkerCtx<'_>, spec: JobSpec, job: &GenerateJob) -> Totals {
+    // The time limit gives up the batch in flight too (the job then ends as completed).
+    let spec = spec.until(ctx.started + job.max_duration);
     let mut sched = GenerateSchedule::first(
         job.start_nonce,
         job.max_nonces,
@@ -447,7 +506,9 @@ fn walk(
     while ctx.control.stopped().is_none() && ctx.started.elapsed() < max {
         let (r, compute_time) = match pipe.step(spec, Epochs::default(), src) {
             Step::Computed(r, took) => (r, took),
-            Step::Idle | Step::Failed => break,
+            // A stopped /generate batch is dropped: the job is over (stopped or out of
+            // time), and the stream's next_nonce says where it got.
+            Step::Idle | Step::Halted(_) => break,
         };
         t.add(&r);
         let report = ctx.report(spec, block_height, r, &t, compute_time);
@@ -463,7 +524,7 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
     let signal = ctx.control.signal();
     let mut at = Epochs::default();
     let mut current: Option<(JobSpec, Arc<Assignment>)> = None;
-    let mut sched: Option<RangeSchedule> = None;
+    let mut sched: Option<RangeNonces> = None;
     let mut t = Totals::default(); // since the last restart, as reported
     let mut all = Totals::default(); // over the whole job, for the log
     loop {
@@ -480,12 +541,12 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
             spec.r_target = a.r_target;
             if restart != at.restart || sched.is_none() {
                 at.restart = restart;
-                sched = Some(RangeSchedule::new(
+                sched = Some(RangeNonces::new(RangeSchedule::new(
                     a.range_start,
                     a.range_end,
                     ctx.worker_id as u64,
                     ctx.n_workers as u64,
-                ));
+                )));
                 t = Totals::default();
             }
             current = Some((spec, a));
@@ -504,7 +565,12 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
         }
         let (r, compute_time) = match pipe.step(spec, at, s) {
             Step::Computed(r, took) => (r, took),
-            Step::Failed => break,
+            Step::Halted(Halt::Failed) => break,
+            Step::Halted(Halt::Stopped(nonces)) => {
+                // Not one of them was reported: should the range go on, they come first.
+                s.give_back(nonces);
+                continue;
+            }
             Step::Idle => {
                 // The range is done: wait for a new one, or for the end.
                 signal.wait_past(seen, None);
@@ -523,6 +589,9 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
 }
 
 fn validate_worker(ctx: &WorkerCtx<'_>, spec: JobSpec, job: &ValidateJob) -> Totals {
+    // As for /generate: the time limit gives up the batch in flight (no verdict comes of a
+    // validation cut short anyway).
+    let spec = spec.until(ctx.started + job.max_duration);
     let mut src = ListShare {
         nonces: &job.nonces,
         next: ctx.worker_id,

@@ -4,17 +4,25 @@
 //! A request that sets its own bounds (`max_seconds`, `max_nonces`) gets one more line at the
 //! end, [`FinishedLine`], saying which limit ended it; one that does not keeps the
 //! reference's contract, where the stream simply ends at the server's job limit.
+//!
+//! Once the server shuts down, the stream ends with the shutdown line within
+//! [`SHUTDOWN_DRAIN`], whether or not the job has finished by then.
 
 use super::lines::{
     BatchFields, ErrorLine, FinishReason, FinishedLine, GenerateLine, LineSink, PREEMPTED,
     SHUTTING_DOWN,
 };
+use super::Shutdown;
 use crate::engine::{
     BatchReport, Engine, GenerateJob, Job, JobEnd, JobEvent, JobHandle, ModelSpec, StopReason,
 };
 use crate::pow::request::{Fields, ProofRequest, RequestError, PROOF_REQUEST_KEYS};
 use serde_json::Value;
 use std::time::{Duration, Instant};
+
+/// How long a stream waits, once the server shuts down, for its job's last events before it
+/// writes the shutdown line and ends.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
 
 /// The longest `max_seconds` a request may give (it is cut to the server's job limit anyway).
 pub const MAX_SECONDS_LIMIT: f64 = 1e9;
@@ -98,19 +106,26 @@ pub struct GenerateRequest {
     pub bounds: Bounds,
 }
 
-/// A generation request: every field of the contract is required; other top-level keys
-/// (the PyWorker may add some) are ignored, while `params` is strict.
+/// A generation request: every field of the contract is required (every missing one is named
+/// in the one error); other top-level keys (the PyWorker may add some) are ignored, while
+/// `params` is strict.
 pub fn parse_generate(v: &Value) -> Result<GenerateRequest, RequestError> {
     let f = Fields::new(v, "request", "")?;
-    for key in PROOF_REQUEST_KEYS {
-        if f.get(key).is_none() {
-            return Err(RequestError(format!("{key}: missing required field")));
-        }
+    let missing: Vec<&str> = PROOF_REQUEST_KEYS
+        .into_iter()
+        .filter(|key| f.get(key).is_none())
+        .collect();
+    match missing.as_slice() {
+        [] => Ok(GenerateRequest {
+            proof: ProofRequest::from_fields(&f)?,
+            bounds: Bounds::parse(&f)?,
+        }),
+        [one] => Err(RequestError(format!("{one}: missing required field"))),
+        several => Err(RequestError(format!(
+            "{}: missing required fields",
+            several.join(", ")
+        ))),
     }
-    Ok(GenerateRequest {
-        proof: ProofRequest::from_fields(&f)?,
-        bounds: Bounds::parse(&f)?,
-    })
 }
 
 /// Validate a generation request against the contract and the devices.
@@ -176,18 +191,34 @@ fn stop_for_gone_client(handle: &JobHandle, t: &mut GenerationTotals) {
 }
 
 /// Write a generation job's events as lines until it ends or the client goes away; a
-/// bounded request's job that completes gets a [`FinishedLine`] last.
+/// bounded request's job that completes gets a [`FinishedLine`] last; when the server shuts
+/// down, the stream ends with the shutdown line within [`SHUTDOWN_DRAIN`].
 pub async fn stream_generation(
     mut handle: JobHandle,
     sink: &LineSink,
     ending: Ending,
+    shutdown: &Shutdown,
 ) -> GenerationTotals {
     let started = Instant::now();
     let mut t = GenerationTotals::default();
+    let drain = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(drain);
+    let mut draining = false;
     loop {
         let ev = tokio::select! {
             ev = handle.events.recv() => ev,
             _ = sink.closed() => None,
+            _ = shutdown.wait(), if !draining => {
+                draining = true;
+                drain.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_DRAIN);
+                continue;
+            }
+            _ = &mut drain => {
+                // The job has not finished in time (the engine was told to stop it).
+                tracing::info!(job = handle.id, "shutting down: ending the stream of job {}", handle.id);
+                sink.send(&SHUTTING_DOWN).await;
+                break;
+            }
         };
         let Some(ev) = ev else {
             if sink.is_closed() {
@@ -226,6 +257,11 @@ pub async fn stream_generation(
                             aggregated_total_valid: t.valid,
                         })
                         .await;
+                    }
+                    // A job that ended some other way as the server shuts down: the stream
+                    // still says why it ends here.
+                    _ if shutdown.is_set() => {
+                        sink.send(&SHUTTING_DOWN).await;
                     }
                     _ => {}
                 }

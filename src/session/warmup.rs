@@ -4,7 +4,7 @@
 //! `max_nonces`) may come in the /warmup request, in the generation request, or both: the
 //! tighter of each applies.
 
-use super::client::{self, CallError};
+use super::client::{self, CallError, Client};
 use super::generation::{self, Bounds};
 use super::lines::{ErrorLine, LineSink, SHUTTING_DOWN};
 use super::Shutdown;
@@ -70,12 +70,9 @@ enum Wait {
     Gone,
 }
 
-async fn fetch_params(
-    http: &reqwest::Client,
-    req: &WarmupRequest,
-) -> Result<Option<Value>, CallError> {
+async fn fetch_params(http: &Client, req: &WarmupRequest) -> Result<Option<Value>, CallError> {
     let url = client::join(&req.callback_url, "/warmup/params");
-    let v = client::get_json(http, &url, &[("job_id", &req.job_id)]).await?;
+    let v = http.get_json(&url, &[("job_id", &req.job_id)]).await?;
     if v.get("status").and_then(Value::as_str) == Some("ready") {
         if let Some(p) = v.get("params").filter(|p| !p.is_null()) {
             return Ok(Some(p.clone()));
@@ -86,7 +83,7 @@ async fn fetch_params(
 
 async fn wait_for_params(
     env: &WarmupEnv,
-    http: &reqwest::Client,
+    http: &Client,
     req: &WarmupRequest,
     sink: &LineSink,
 ) -> Wait {
@@ -136,7 +133,7 @@ async fn wait_for_params(
 
 /// The whole /warmup session for `req`: statuses while waiting for the parameters, then the
 /// generation's lines, then the completion notice to the callback.
-pub async fn run(env: &WarmupEnv, http: &reqwest::Client, req: &WarmupRequest, sink: &LineSink) {
+pub async fn run(env: &WarmupEnv, http: &Client, req: &WarmupRequest, sink: &LineSink) {
     let start = Instant::now();
     if !sink
         .send(&json!({"status": "warmup_ready", "job_id": req.job_id}))
@@ -209,7 +206,9 @@ pub async fn run(env: &WarmupEnv, http: &reqwest::Client, req: &WarmupRequest, s
             return;
         }
     };
-    let totals = generation::stream_generation(handle, sink, gen_req.ending(env.cfg.max_job)).await;
+    let totals =
+        generation::stream_generation(handle, sink, gen_req.ending(env.cfg.max_job), &env.shutdown)
+            .await;
     let body = json!({
         "job_id": req.job_id,
         "total_batches": totals.batches,
@@ -218,7 +217,7 @@ pub async fn run(env: &WarmupEnv, http: &reqwest::Client, req: &WarmupRequest, s
     });
     let url = client::join(&req.callback_url, "/warmup/complete");
     for attempt in 1..=3u32 {
-        match client::post_json(http, &url, &body).await {
+        match http.post_json(&url, &body).await {
             Ok(_) => {
                 tracing::info!(
                     "warmup {}: completion posted ({} batches, {} computed, {} valid)",

@@ -117,13 +117,14 @@ pub fn check_group(params: &Params, dtype: Dtype, gpus: &[GpuInfo]) -> Result<()
     let ranges = model::stage_layers(params.n_layers_usize(), n);
     for (s, (gpu, layers)) in gpus.iter().zip(&ranges).enumerate() {
         let (first, last) = (s == 0, s + 1 == n);
-        let need = model::stage_build_bytes(params, dtype, layers, last)
-            + model::scratch_bytes_per_nonce(params, dtype, first, last)
-            + RESERVE_BYTES;
+        let build = model::stage_build_bytes(params, dtype, layers, last);
+        let one_nonce = model::scratch_bytes_per_nonce(params, dtype, first, last);
+        let need = build + one_nonce + RESERVE_BYTES;
         if need > gpu.total_bytes {
             return Err(BackendError::OutOfMemory(format!(
-                "params: this model needs {:.1} GiB on {} ({} of its {} layers in {}{}), \
-                 which has {:.1} GiB",
+                "params: this model needs {:.1} GiB on {} ({} of its {} layers in {}{}: \
+                 {:.1} GiB to build, {:.2} GiB of working memory for one nonce from seq_len {} \
+                 with dim {} and the FFN hidden size {}), which has {:.1} GiB",
                 need as f64 / GIB,
                 gpu.device_name(),
                 layers.len(),
@@ -134,6 +135,11 @@ pub fn check_group(params: &Params, dtype: Dtype, gpus: &[GpuInfo]) -> Result<()
                 } else {
                     ""
                 },
+                build as f64 / GIB,
+                one_nonce as f64 / GIB,
+                params.seq_len,
+                params.dim,
+                params.ffn_hidden(),
                 gpu.total_bytes as f64 / GIB
             )));
         }
@@ -360,6 +366,38 @@ mod tests {
             e.contains("dim is 84") && e.contains("multiples of 16"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn one_nonce_of_working_memory_is_part_of_the_check() {
+        // 0.6 GB of f16 weights, and about 3.9 GB of scratch for one nonce of 32768 positions.
+        let p = Params {
+            dim: 4096,
+            n_layers: 1,
+            n_heads: 32,
+            n_kv_heads: 32,
+            vocab_size: 8192,
+            seq_len: 32768,
+            ..Params::default()
+        };
+        let one = model::scratch_bytes_per_nonce(&p, Dtype::F16, true, true);
+        assert!(one > 3 * GB, "{one}");
+        check_group(&p, Dtype::F16, &gpus(&[24])).unwrap();
+        let e = check_group(&p, Dtype::F16, &gpus(&[5])).unwrap_err();
+        assert!(matches!(e, BackendError::OutOfMemory(_)), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("working memory for one nonce from seq_len 32768"),
+            "{text}"
+        );
+        // Without that nonce the model itself would fit.
+        let build = model::stage_build_bytes(&p, Dtype::F16, &(0..1), true);
+        assert!(build + RESERVE_BYTES < 5 * GB, "{build}");
+        // The allocation's sizes are the check's.
+        let sizes = model::ScratchSizes::new(&p, Dtype::F16, 3, true, true);
+        let per = model::ScratchSizes::new(&p, Dtype::F16, 1, true, true).bytes();
+        assert!(sizes.bytes() <= 3 * per && sizes.bytes() > 2 * per);
+        assert_eq!(per, one);
     }
 
     #[test]

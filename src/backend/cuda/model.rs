@@ -196,31 +196,115 @@ pub fn stage_build_bytes(params: &Params, dtype: Dtype, layers: &Range<usize>, l
     stage_weight_bytes(params, dtype, layers, last) + pool * elem + staging + fp8_transit
 }
 
-/// Device bytes one nonce of a batch takes in the scratch buffers of a stage.
+/// Device bytes one nonce of a batch takes in the scratch buffers of a stage: what
+/// [`StageScratch::new`] allocates for a capacity of one ([`ScratchSizes`]; the few
+/// fixed-size buffers are counted with it).
 pub fn scratch_bytes_per_nonce(params: &Params, dtype: Dtype, first: bool, last: bool) -> u64 {
-    let e = storage_bytes(dtype) as u64;
-    let seq = params.seq_len_usize() as u64;
-    let dim = params.dim_usize() as u64;
-    let hd = params.head_dim() as u64;
-    let qw = params.n_heads_usize() as u64 * hd;
-    let kvw = params.n_kv_heads_usize() as u64 * hd;
-    let hidden = params.ffn_hidden() as u64;
-    let vocab = params.vocab_usize() as u64;
-    // x, xn, tmp (seq rows of dim), q, att (of q_width), k, v (of kv_width), h1, h3
-    // (hidden), the compacted last row.
-    let mut bytes = e * (seq * (3 * dim + 2 * qw + 2 * kvw + 2 * hidden) + dim);
-    if params.use_fp8 {
-        // The quantised activations of the widest product input.
-        bytes += seq * dim.max(qw).max(hidden);
+    ScratchSizes::new(params, dtype, 1, first, last).bytes()
+}
+
+/// One device buffer's element size and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufSize {
+    pub elem: Elem,
+    pub len: usize,
+}
+
+impl BufSize {
+    pub fn bytes(self) -> u64 {
+        self.elem.bytes() as u64 * self.len as u64
     }
-    if first {
-        bytes += 4 * seq * dim; // the f32 inputs as they arrive
+}
+
+/// The sizes of one stage's scratch buffers for `capacity` nonces: what [`StageScratch::new`]
+/// allocates and what the memory check and batch cap count ([`scratch_bytes_per_nonce`]),
+/// from this one place so that they cannot disagree.
+#[derive(Debug, Clone, Copy)]
+pub struct ScratchSizes {
+    /// x, xn, tmp (rows of dim), q, att (of q_width), k, v (of kv_width), h1, h3 (hidden):
+    /// in the dtype.
+    pub x: BufSize,
+    pub xn: BufSize,
+    pub q: BufSize,
+    pub k: BufSize,
+    pub v: BufSize,
+    pub att: BufSize,
+    pub tmp: BufSize,
+    pub h1: BufSize,
+    pub h3: BufSize,
+    /// The compacted last row of each nonce.
+    pub xl: BufSize,
+    /// First stage: the f32 inputs as they arrive.
+    pub inputs: Option<BufSize>,
+    /// Last stage: logits (dtype and f32), permutations (i64), gathered o (f32), distances
+    /// (f64), the proof count (i32), their indices (i32) and distances (f64).
+    pub tail: Option<[BufSize; 8]>,
+    /// FP8 models: the quantised activations of the widest product input (one byte each),
+    /// their amax and scale (one f32 each).
+    pub fp8: Option<[BufSize; 3]>,
+}
+
+impl ScratchSizes {
+    pub fn new(params: &Params, dtype: Dtype, capacity: usize, first: bool, last: bool) -> Self {
+        let m = capacity * params.seq_len_usize();
+        let dim = params.dim_usize();
+        let hd = params.head_dim();
+        let qw = params.n_heads_usize() * hd;
+        let kvw = params.n_kv_heads_usize() * hd;
+        let hidden = params.ffn_hidden();
+        let vocab = params.vocab_usize();
+        let t = |len: usize| BufSize {
+            elem: Elem::storage(dtype),
+            len,
+        };
+        let b = |elem: Elem, len: usize| BufSize { elem, len };
+        ScratchSizes {
+            x: t(m * dim),
+            xn: t(m * dim),
+            q: t(m * qw),
+            k: t(m * kvw),
+            v: t(m * kvw),
+            att: t(m * qw),
+            tmp: t(m * dim),
+            h1: t(m * hidden),
+            h3: t(m * hidden),
+            xl: t(capacity * dim),
+            inputs: first.then(|| b(Elem::F32, m * dim)),
+            tail: last.then(|| {
+                [
+                    t(capacity * vocab),
+                    b(Elem::F32, capacity * vocab),
+                    b(Elem::I64, capacity * vocab),
+                    b(Elem::F32, capacity * vocab),
+                    b(Elem::F64, capacity),
+                    b(Elem::I32, 1),
+                    b(Elem::I32, capacity),
+                    b(Elem::F64, capacity),
+                ]
+            }),
+            fp8: params.use_fp8.then(|| {
+                [
+                    b(Elem::E4M3, m * dim.max(qw).max(hidden)),
+                    b(Elem::U32, 1),
+                    b(Elem::F32, 1),
+                ]
+            }),
+        }
     }
-    if last {
-        // logits (dtype and f32), permutation (i64), gathered o (f32), distance, filter
-        bytes += vocab * (e + 4 + 8 + 4) + 8 + 4 + 8;
+
+    /// Every buffer's bytes, added up.
+    pub fn bytes(&self) -> u64 {
+        let fixed = [
+            self.x, self.xn, self.q, self.k, self.v, self.att, self.tmp, self.h1, self.h3, self.xl,
+        ];
+        fixed
+            .iter()
+            .chain(self.inputs.iter())
+            .chain(self.tail.iter().flatten())
+            .chain(self.fp8.iter().flatten())
+            .map(|b| b.bytes())
+            .sum()
     }
-    bytes
 }
 
 /// Scratch buffers of one stage, for up to `capacity` nonces.
@@ -285,54 +369,44 @@ impl StageScratch {
         first: bool,
         last: bool,
     ) -> Result<Self, BackendError> {
-        let m = capacity * params.seq_len_usize();
-        let dim = params.dim_usize();
-        let hd = params.head_dim();
-        let qw = params.n_heads_usize() * hd;
-        let kvw = params.n_kv_heads_usize() * hd;
-        let hidden = params.ffn_hidden();
-        let vocab = params.vocab_usize();
-        let t = |n: usize| gpu.alloc_dtype(dtype, n);
-        let tail = if last {
-            Some(TailScratch {
-                logits: t(capacity * vocab)?,
-                logits_f32: gpu.alloc(Elem::F32, capacity * vocab)?,
-                perm: gpu.alloc(Elem::I64, capacity * vocab)?,
-                o: gpu.alloc(Elem::F32, capacity * vocab)?,
-                dist: gpu.alloc(Elem::F64, capacity)?,
-                count: gpu.alloc(Elem::I32, 1)?,
-                index: gpu.alloc(Elem::I32, capacity)?,
-                valid_dist: gpu.alloc(Elem::F64, capacity)?,
-            })
-        } else {
-            None
+        let z = ScratchSizes::new(params, dtype, capacity, first, last);
+        let a = |b: BufSize| gpu.alloc(b.elem, b.len);
+        let tail = match z.tail {
+            Some([logits, logits_f32, perm, o, dist, count, index, valid_dist]) => {
+                Some(TailScratch {
+                    logits: a(logits)?,
+                    logits_f32: a(logits_f32)?,
+                    perm: a(perm)?,
+                    o: a(o)?,
+                    dist: a(dist)?,
+                    count: a(count)?,
+                    index: a(index)?,
+                    valid_dist: a(valid_dist)?,
+                })
+            }
+            None => None,
         };
         Ok(StageScratch {
             capacity,
-            x: t(m * dim)?,
-            xn: t(m * dim)?,
-            q: t(m * qw)?,
-            k: t(m * kvw)?,
-            v: t(m * kvw)?,
-            att: t(m * qw)?,
-            tmp: t(m * dim)?,
-            h1: t(m * hidden)?,
-            h3: t(m * hidden)?,
-            xl: t(capacity * dim)?,
-            inputs: if first {
-                Some(gpu.alloc(Elem::F32, m * dim)?)
-            } else {
-                None
-            },
+            x: a(z.x)?,
+            xn: a(z.xn)?,
+            q: a(z.q)?,
+            k: a(z.k)?,
+            v: a(z.v)?,
+            att: a(z.att)?,
+            tmp: a(z.tmp)?,
+            h1: a(z.h1)?,
+            h3: a(z.h3)?,
+            xl: a(z.xl)?,
+            inputs: z.inputs.map(a).transpose()?,
             tail,
-            fp8: if params.use_fp8 {
-                Some(Fp8Scratch {
-                    x8: gpu.alloc(Elem::E4M3, m * dim.max(qw).max(hidden))?,
-                    amax: gpu.alloc(Elem::U32, 1)?,
-                    x_scale: gpu.alloc(Elem::F32, 1)?,
-                })
-            } else {
-                None
+            fp8: match z.fp8 {
+                Some([x8, amax, x_scale]) => Some(Fp8Scratch {
+                    x8: a(x8)?,
+                    amax: a(amax)?,
+                    x_scale: a(x_scale)?,
+                }),
+                None => None,
             },
         })
     }

@@ -7,11 +7,10 @@
 //! {gpu_count}; POST /api/workers/{id}/results (one result) and /results/batch {"results"};
 //! POST /api/workers/{id}/heartbeat {pending_results}; POST /api/workers/{id}/shutdown {stats}.
 
-use crate::session::client::{self, CallError};
+use crate::session::client::{self, CallError, Client, ClientLimits};
 use crate::telemetry::Metrics;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use std::time::Duration;
 
 // Sessions run on one thread of the HTTP server (their futures need not be Send), so the
 // traits' async methods carry no Send bound on purpose.
@@ -40,18 +39,18 @@ pub trait OrchestratorApi: ResultPoster + Clone + 'static {
 /// The orchestrator's HTTP API for one worker.
 #[derive(Clone)]
 pub struct Orchestrator {
-    http: reqwest::Client,
+    http: Client,
     base: String,
     worker_id: String,
     metrics: Option<Arc<Metrics>>,
 }
 
 impl Orchestrator {
-    /// A new worker (a fresh id) of the orchestrator at `base`, every call limited to
-    /// `timeout`.
-    pub fn new(base: &str, timeout: Duration) -> Result<Self, String> {
+    /// A new worker (a fresh id) of the orchestrator at `base`, every call bounded by
+    /// `limits`.
+    pub fn new(base: &str, limits: ClientLimits) -> Result<Self, String> {
         Ok(Orchestrator {
-            http: client::client(timeout)?,
+            http: Client::new(limits)?,
             base: base.to_owned(),
             worker_id: uuid::Uuid::new_v4().to_string(),
             metrics: None,
@@ -92,17 +91,15 @@ impl Orchestrator {
 
 impl ResultPoster for Orchestrator {
     async fn post_result(&self, r: &Value) -> Result<Value, CallError> {
-        let res = client::post_json(&self.http, &self.worker_url("/results"), r).await;
+        let res = self.http.post_json(&self.worker_url("/results"), r).await;
         self.record("results", res, 1)
     }
 
     async fn post_results(&self, rs: &[Value]) -> Result<Value, CallError> {
-        let r = client::post_json(
-            &self.http,
-            &self.worker_url("/results/batch"),
-            &json!({"results": rs}),
-        )
-        .await;
+        let r = self
+            .http
+            .post_json(&self.worker_url("/results/batch"), &json!({"results": rs}))
+            .await;
         self.record("results_batch", r, rs.len() as u64)
     }
 }
@@ -115,42 +112,42 @@ impl OrchestratorApi for Orchestrator {
     async fn connect(&self, gpu_count: usize, gpu_info: &Value) -> Result<Value, CallError> {
         let body =
             json!({"worker_id": self.worker_id, "gpu_count": gpu_count, "gpu_info": gpu_info});
-        let r = client::post_json(&self.http, &self.url("/api/workers/connect"), &body).await;
+        let r = self
+            .http
+            .post_json(&self.url("/api/workers/connect"), &body)
+            .await;
         self.record("connect", r, 0)
     }
 
     async fn config(&self) -> Result<Value, CallError> {
-        let r = client::get_json(&self.http, &self.worker_url("/config"), &[]).await;
+        let r = self.http.get_json(&self.worker_url("/config"), &[]).await;
         self.record("config", r, 0)
     }
 
     async fn ready(&self, gpu_count: usize) -> Result<Value, CallError> {
-        let r = client::post_json(
-            &self.http,
-            &self.worker_url("/ready"),
-            &json!({"gpu_count": gpu_count}),
-        )
-        .await;
+        let r = self
+            .http
+            .post_json(&self.worker_url("/ready"), &json!({"gpu_count": gpu_count}))
+            .await;
         self.record("ready", r, 0)
     }
 
     async fn heartbeat(&self, pending: usize) -> Result<Value, CallError> {
-        let r = client::post_json(
-            &self.http,
-            &self.worker_url("/heartbeat"),
-            &json!({"pending_results": pending}),
-        )
-        .await;
+        let r = self
+            .http
+            .post_json(
+                &self.worker_url("/heartbeat"),
+                &json!({"pending_results": pending}),
+            )
+            .await;
         self.record("heartbeat", r, 0)
     }
 
     async fn shutdown(&self, stats: &Value) -> Result<Value, CallError> {
-        let r = client::post_json(
-            &self.http,
-            &self.worker_url("/shutdown"),
-            &json!({"stats": stats}),
-        )
-        .await;
+        let r = self
+            .http
+            .post_json(&self.worker_url("/shutdown"), &json!({"stats": stats}))
+            .await;
         self.record("shutdown", r, 0)
     }
 }
@@ -161,7 +158,7 @@ mod tests {
 
     #[test]
     fn urls_of_a_worker() {
-        let o = Orchestrator::new("http://127.0.0.1:9/orch/", Duration::from_secs(1)).unwrap();
+        let o = Orchestrator::new("http://127.0.0.1:9/orch/", ClientLimits::default()).unwrap();
         assert_eq!(o.worker_id().len(), 36, "a UUID");
         assert_eq!(
             o.url("/api/workers/connect"),
@@ -174,7 +171,7 @@ mod tests {
                 o.worker_id()
             )
         );
-        let other = Orchestrator::new("http://127.0.0.1:9", Duration::from_secs(1)).unwrap();
+        let other = Orchestrator::new("http://127.0.0.1:9", ClientLimits::default()).unwrap();
         assert_ne!(
             other.worker_id(),
             o.worker_id(),
@@ -185,7 +182,7 @@ mod tests {
     #[test]
     fn failed_calls_and_delivered_results_are_counted() {
         let m = Arc::new(Metrics::new());
-        let o = Orchestrator::new("http://127.0.0.1:9", Duration::from_secs(1))
+        let o = Orchestrator::new("http://127.0.0.1:9", ClientLimits::default())
             .unwrap()
             .with_metrics(m.clone());
         let _ = o.record("results_batch", Ok(Value::Null), 3);
