@@ -285,3 +285,21 @@ fn the_job_time_limit_ends_a_validation_without_a_verdict() {
     assert!(last["error"].as_str().unwrap().contains("of 20000 nonces"));
     assert!(lines.iter().all(|l| l.get("probability_honest").is_none()));
 }
+
+#[test]
+fn sigterm_ends_a_validation_with_the_shutdown_line() {
+    let mut s = Server::start(&["--max-job-seconds", "60"]);
+    let v = post_stream(s.port, "/validate", &long_batch(20_000));
+    v.next(30 * SECS).expect("a progress line");
+    let t = Instant::now();
+    s.terminate();
+    let lines = v.collect(15 * SECS);
+    assert_eq!(
+        lines.last().unwrap(),
+        &json!({"error": "the server is shutting down", "error_type": "Shutdown"})
+    );
+    assert!(lines.iter().all(|l| l.get("probability_honest").is_none()));
+    let status = s.wait_exit(15 * SECS).expect("the server exits");
+    assert!(status.success(), "{status:?}");
+    eprintln!("shutdown line and exit {:?} after SIGTERM", t.elapsed());
+}

@@ -14,6 +14,7 @@ use llama_pow::pow::request::parse_params;
 use llama_pow::pow::validation::{ValidatedBatch, ValidationRequest, DEFAULT_FRAUD_THRESHOLD};
 use llama_pow::session::lines::LineSink;
 use llama_pow::session::validation::{self, Outcome};
+use llama_pow::session::Shutdown;
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,8 +48,10 @@ fn validate(req: &ValidationRequest, dtype: Dtype) -> (ValidatedBatch, Vec<Value
         .build()
         .unwrap();
     let (sink, mut rx) = LineSink::channel();
+    let (_running, shutdown) = tokio::sync::watch::channel(false);
+    let shutdown = Shutdown::new(shutdown);
     let outcome = rt.block_on(async {
-        let o = validation::run(&engine, req, Duration::from_secs(600), &sink).await;
+        let o = validation::run(&engine, req, Duration::from_secs(600), &sink, &shutdown).await;
         drop(sink);
         o
     });

@@ -37,6 +37,8 @@ pub async fn validate(state: web::Data<AppState>, payload: web::Payload) -> Http
     );
     let max = state.cfg.max_job;
     ndjson::response(move |sink| async move {
-        validation::run(&state.engine, &req, max, &sink).await;
+        // A session, so that a shutdown lets the stream end with its shutdown line.
+        let _session = state.sessions.enter();
+        validation::run(&state.engine, &req, max, &sink, &state.shutdown).await;
     })
 }

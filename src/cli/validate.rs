@@ -9,6 +9,7 @@ use crate::pow::request::{wrong, Fields, RequestError};
 use crate::pow::validation::{ValidatedBatch, ValidationRequest, OPTIONAL_KEYS, REQUIRED_KEYS};
 use crate::session::lines::LineSink;
 use crate::session::validation::{self, Outcome};
+use crate::session::Shutdown;
 use anyhow::Context;
 use serde_json::Value;
 use std::io::Write;
@@ -65,9 +66,13 @@ pub fn run(text: &str, device: DeviceChoice) -> anyhow::Result<ValidatedBatch> {
                 }
             }
         };
-        // No time limit on the command line: the batch is validated whole.
+        // No time limit on the command line, and no shutdown but Ctrl-C's: the batch is
+        // validated whole.
+        let (_never, shutdown) = tokio::sync::watch::channel(false);
+        let shutdown = Shutdown::new(shutdown);
         let validating = async {
-            let o = validation::run(&engine, &req, Duration::from_secs(u64::MAX / 4), &sink).await;
+            let max = Duration::from_secs(u64::MAX / 4);
+            let o = validation::run(&engine, &req, max, &sink, &shutdown).await;
             drop(sink);
             o
         };

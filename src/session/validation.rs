@@ -4,7 +4,9 @@
 //! of time, failed) ends the stream with its error line instead: there is no verdict on part
 //! of a batch.
 
+use super::generation::SHUTDOWN_DRAIN;
 use super::lines::{ErrorLine, LineSink, ValidationProgress, PREEMPTED, SHUTTING_DOWN};
+use super::Shutdown;
 use crate::engine::{
     Engine, Job, JobEnd, JobEvent, JobHandle, ModelSpec, StopReason, SubmitError, ValidateJob,
 };
@@ -47,12 +49,14 @@ pub enum Outcome {
 }
 
 /// Validate `req` on `engine`, writing the lines into `sink`. An empty batch has its verdict
-/// at once, without a job.
+/// at once, without a job. Once `shutdown` fires the stream ends with the shutdown line
+/// within [`SHUTDOWN_DRAIN`].
 pub async fn run(
     engine: &Engine,
     req: &ValidationRequest,
     max: Duration,
     sink: &LineSink,
+    shutdown: &Shutdown,
 ) -> Outcome {
     if req.nonces.is_empty() {
         return verdict(engine, req, Vec::new(), 0.0, sink).await;
@@ -74,7 +78,7 @@ pub async fn run(
             return Outcome::Unfinished(message);
         }
     };
-    stream(engine, handle, req, max, sink).await
+    stream(engine, handle, req, max, sink, shutdown).await
 }
 
 /// Write a validation job's events as lines until it ends or the client goes away.
@@ -84,6 +88,7 @@ async fn stream(
     req: &ValidationRequest,
     max: Duration,
     sink: &LineSink,
+    shutdown: &Shutdown,
 ) -> Outcome {
     let position: HashMap<u64, usize> = req
         .nonces
@@ -97,10 +102,23 @@ async fn stream(
     let mut compute_seconds = 0f64;
     // What went wrong inside the job, and whether its error line already went out.
     let mut failure: Option<(String, bool)> = None;
+    let drain = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(drain);
+    let mut draining = false;
     loop {
         let ev = tokio::select! {
             ev = handle.events.recv() => ev,
             _ = sink.closed() => None,
+            _ = shutdown.wait(), if !draining => {
+                draining = true;
+                drain.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_DRAIN);
+                continue;
+            }
+            _ = &mut drain => {
+                // The job has not finished in time (the engine was told to stop it).
+                sink.send(&SHUTTING_DOWN).await;
+                return Outcome::Unfinished(SHUTTING_DOWN.error.into());
+            }
         };
         let Some(ev) = ev else {
             if sink.is_closed() {
