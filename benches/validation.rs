@@ -80,36 +80,24 @@ fn main() {
         params,
     };
     let public_key = case["public_key"].as_str().unwrap().to_string();
-    // Build (and cache) the model first: neither side pays for it below.
-    run(
-        &engine,
+    let generation = |start_nonce: u64, max_duration: Duration| {
         Job::Generate(GenerateJob {
             model: model.clone(),
             public_key: public_key.clone(),
             block_height: 1,
             r_target: 1.4,
-            start_nonce: 0,
+            start_nonce,
             batch_size: batch,
-            max_duration: Duration::from_millis(200),
+            max_duration,
             max_nonces: None,
-        }),
-    );
+        })
+    };
+    // Build (and cache) the model first: neither side pays for it below.
+    run(&engine, generation(0, Duration::from_millis(200)));
     let (mut gen_rates, mut val_rates) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let start = 1_000_000 * (round as u64 + 1);
-        let (n, secs) = run(
-            &engine,
-            Job::Generate(GenerateJob {
-                model: model.clone(),
-                public_key: public_key.clone(),
-                block_height: 1,
-                r_target: 1.4,
-                start_nonce: start,
-                batch_size: batch,
-                max_duration: Duration::from_secs_f64(seconds),
-                max_nonces: None,
-            }),
-        );
+        let (n, secs) = run(&engine, generation(start, Duration::from_secs_f64(seconds)));
         gen_rates.push(n as f64 / secs);
         println!(
             "{}",

@@ -6,8 +6,10 @@
 //! reference's contract, where the stream simply ends at the server's job limit.
 //!
 //! Once the server shuts down, the stream ends with the shutdown line within
-//! [`SHUTDOWN_DRAIN`], whether or not the job has finished by then.
+//! [`SHUTDOWN_DRAIN`](super::events::SHUTDOWN_DRAIN), whether or not the job has finished by
+//! then.
 
+use super::events::{EventReader, Next};
 use super::lines::{
     BatchFields, ErrorLine, FinishReason, FinishedLine, GenerateLine, LineSink, PREEMPTED,
     SHUTTING_DOWN,
@@ -19,10 +21,6 @@ use crate::engine::{
 use crate::pow::request::{Fields, ProofRequest, RequestError, PROOF_REQUEST_KEYS};
 use serde_json::Value;
 use std::time::{Duration, Instant};
-
-/// How long a stream waits, once the server shuts down, for its job's last events before it
-/// writes the shutdown line and ends.
-pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
 
 /// The longest `max_seconds` a request may give (it is cut to the server's job limit anyway).
 pub const MAX_SECONDS_LIMIT: f64 = 1e9;
@@ -192,7 +190,8 @@ fn stop_for_gone_client(handle: &JobHandle, t: &mut GenerationTotals) {
 
 /// Write a generation job's events as lines until it ends or the client goes away; a
 /// bounded request's job that completes gets a [`FinishedLine`] last; when the server shuts
-/// down, the stream ends with the shutdown line within [`SHUTDOWN_DRAIN`].
+/// down, the stream ends with the shutdown line within
+/// [`SHUTDOWN_DRAIN`](super::events::SHUTDOWN_DRAIN).
 pub async fn stream_generation(
     mut handle: JobHandle,
     sink: &LineSink,
@@ -201,30 +200,17 @@ pub async fn stream_generation(
 ) -> GenerationTotals {
     let started = Instant::now();
     let mut t = GenerationTotals::default();
-    let drain = tokio::time::sleep(Duration::MAX);
-    tokio::pin!(drain);
-    let mut draining = false;
+    let mut events = EventReader::new(&mut handle, sink, shutdown);
     loop {
-        let ev = tokio::select! {
-            ev = handle.events.recv() => ev,
-            _ = sink.closed() => None,
-            _ = shutdown.wait(), if !draining => {
-                draining = true;
-                drain.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_DRAIN);
-                continue;
-            }
-            _ = &mut drain => {
-                // The job has not finished in time (the engine was told to stop it).
-                tracing::info!(job = handle.id, "shutting down: ending the stream of job {}", handle.id);
-                sink.send(&SHUTTING_DOWN).await;
+        let ev = match events.next().await {
+            Next::Event(ev) => ev,
+            Next::Gone => {
+                if sink.is_closed() {
+                    stop_for_gone_client(events.handle(), &mut t);
+                }
                 break;
             }
-        };
-        let Some(ev) = ev else {
-            if sink.is_closed() {
-                stop_for_gone_client(&handle, &mut t);
-            }
-            break;
+            Next::ShutDown => break,
         };
         let delivered = match ev {
             JobEvent::ModelReady { .. } => true,
@@ -269,7 +255,7 @@ pub async fn stream_generation(
             }
         };
         if !delivered {
-            stop_for_gone_client(&handle, &mut t);
+            stop_for_gone_client(events.handle(), &mut t);
             break;
         }
     }

@@ -5,6 +5,7 @@
 //! ([`crate::api`]) only parses requests and turns a sink into a streamed response.
 
 pub mod client;
+pub mod events;
 pub mod generation;
 pub mod lines;
 pub mod pooled;

@@ -4,7 +4,7 @@
 //! of time, failed) ends the stream with its error line instead: there is no verdict on part
 //! of a batch.
 
-use super::generation::SHUTDOWN_DRAIN;
+use super::events::{EventReader, Next};
 use super::lines::{ErrorLine, LineSink, ValidationProgress, PREEMPTED, SHUTTING_DOWN};
 use super::Shutdown;
 use crate::engine::{
@@ -50,7 +50,7 @@ pub enum Outcome {
 
 /// Validate `req` on `engine`, writing the lines into `sink`. An empty batch has its verdict
 /// at once, without a job. Once `shutdown` fires the stream ends with the shutdown line
-/// within [`SHUTDOWN_DRAIN`].
+/// within [`SHUTDOWN_DRAIN`](super::events::SHUTDOWN_DRAIN).
 pub async fn run(
     engine: &Engine,
     req: &ValidationRequest,
@@ -102,34 +102,23 @@ async fn stream(
     let mut compute_seconds = 0f64;
     // What went wrong inside the job, and whether its error line already went out.
     let mut failure: Option<(String, bool)> = None;
-    let drain = tokio::time::sleep(Duration::MAX);
-    tokio::pin!(drain);
-    let mut draining = false;
+    let mut events = EventReader::new(&mut handle, sink, shutdown);
     loop {
-        let ev = tokio::select! {
-            ev = handle.events.recv() => ev,
-            _ = sink.closed() => None,
-            _ = shutdown.wait(), if !draining => {
-                draining = true;
-                drain.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_DRAIN);
-                continue;
+        let ev = match events.next().await {
+            Next::Event(ev) => ev,
+            Next::Gone => {
+                let h = events.handle();
+                if sink.is_closed() {
+                    tracing::info!(
+                        job = h.id,
+                        "client disconnected: stopping validation {}",
+                        h.id
+                    );
+                    h.control.stop(StopReason::ClientGone);
+                }
+                return Outcome::Unfinished("the client went away".into());
             }
-            _ = &mut drain => {
-                // The job has not finished in time (the engine was told to stop it).
-                sink.send(&SHUTTING_DOWN).await;
-                return Outcome::Unfinished(SHUTTING_DOWN.error.into());
-            }
-        };
-        let Some(ev) = ev else {
-            if sink.is_closed() {
-                tracing::info!(
-                    job = handle.id,
-                    "client disconnected: stopping validation {}",
-                    handle.id
-                );
-                handle.control.stop(StopReason::ClientGone);
-            }
-            return Outcome::Unfinished("the client went away".into());
+            Next::ShutDown => return Outcome::Unfinished(SHUTTING_DOWN.error.into()),
         };
         match ev {
             JobEvent::ModelReady { .. } => {}
@@ -137,7 +126,7 @@ async fn stream(
                 let Some(dist) = &b.dist else {
                     let why = "a validation batch came back without its distances";
                     failure = Some((why.into(), false));
-                    handle.control.stop(StopReason::Failed);
+                    events.handle().control.stop(StopReason::Failed);
                     continue;
                 };
                 for (&n, &d) in b.nonces.iter().zip(dist) {
@@ -150,7 +139,7 @@ async fn stream(
                         _ => {
                             let why = format!("nonce {n} was computed twice or unasked");
                             failure = Some((why, false));
-                            handle.control.stop(StopReason::Failed);
+                            events.handle().control.stop(StopReason::Failed);
                         }
                     }
                 }
@@ -162,7 +151,7 @@ async fn stream(
                     elapsed_seconds: (b.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
                 };
                 if !sink.send(&progress).await {
-                    handle.control.stop(StopReason::ClientGone);
+                    events.handle().control.stop(StopReason::ClientGone);
                     return Outcome::Unfinished("the client went away".into());
                 }
             }
