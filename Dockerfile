@@ -17,6 +17,8 @@ COPY src ./src
 COPY benches ./benches
 COPY assets ./assets
 COPY kernels ./kernels
+# The OpenAPI document the server serves at /openapi.json, built into the binary.
+COPY docs/openapi.json ./docs/openapi.json
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/build/target \
     cargo build --release --locked --bin llama-pow \

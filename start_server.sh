@@ -10,8 +10,8 @@
 # (LLAMA_POW_PORT, LLAMA_POW_DEVICE, LLAMA_POW_MAX_JOB_SECONDS, ...), which the server reads.
 # LLAMA_POW_BIN names the binary (default: llama-pow beside this script, then on PATH, then
 # target/release/llama-pow under this script's folder).
-# SIGTERM and SIGINT are passed to the server, which shuts down cleanly; the script exits with
-# the server's status. A server that fails on its own leaves the line
+# SIGTERM, SIGINT and SIGHUP are passed to the server, which shuts down cleanly on each; the
+# script exits with the server's status. A server that fails on its own leaves the line
 # "Error: llama-pow serve exited with status N" in the log, which the PyWorker treats as fatal.
 set -euo pipefail
 
@@ -68,6 +68,7 @@ forward() {
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
+trap 'forward HUP' HUP
 
 "$bin" serve "$@" &
 server_pid=$!

@@ -21,16 +21,37 @@
 //   raises the function's limit above 48 KiB when it needs to, and falls back to the other
 //   kernel when the device cannot give that much).
 // - attention_<dtype>: the fallback for any size. Launch: grid (batch * q_rows_per_batch,
-//   n_heads); block 128 (a multiple of 32, at most 1024); dynamic shared memory seq * 4
-//   bytes.
+//   n_heads); block 128 (a multiple of 32, at most 1024); dynamic shared memory chunk * 4
+//   bytes: the scores of `chunk` positions at a time. The host makes chunk as large as the
+//   device allows (opting in above 48 KiB), so that a row of up to chunk positions keeps
+//   every score in shared memory from the first pass to the last. A longer row (seq_len
+//   beyond what one block's shared memory holds: about 12,000 positions in 48 KiB, 25,000
+//   in Ada's 99 KiB, 57,000 in Hopper's 227 KiB) is walked a chunk at a time, and each
+//   score is computed again where a later pass needs it: the same operations on the same
+//   values give the same bits, so the order of every sum, and so every result, is that of a
+//   row that fits.
 
 #define ATT_MAX_WARPS 32
+
+// Score of position j for one query head: round_T(round_T(q . k_j) / scale), the dot product
+// over head_dim in order from -0.0 (the host's f32 sum starts there).
+template <typename T>
+__device__ __forceinline__ float attention_score(const typename T::S* qh,
+                                                const typename T::S* kr, int head_dim,
+                                                float scale) {
+    float acc = -0.0f;
+    for (int t = 0; t < head_dim; ++t) {
+        acc += T::load(qh[t]) * T::load(kr[t]);
+    }
+    const float raw = round_to<T>(acc);
+    return round_to<T>(raw / scale);
+}
 
 template <typename T>
 __device__ void attention_impl(const typename T::S* q, const typename T::S* k,
                                const typename T::S* v, typename T::S* out, int seq,
                                int n_heads, int n_kv_heads, int head_dim,
-                               int q_rows_per_batch, float scale) {
+                               int q_rows_per_batch, float scale, int chunk) {
     DYNAMIC_SHARED(float, scores);
     SHARED_ARRAY(float, warp_max, ATT_MAX_WARPS);
     SHARED_ARRAY(float, shared_max, 1);
@@ -46,18 +67,23 @@ __device__ void attention_impl(const typename T::S* q, const typename T::S* k,
     const i64 kv_width = (i64)n_kv_heads * head_dim;
     const i64 kv_base = (i64)b * seq;
     const typename T::S* qh = q + (i64)r * q_width + (i64)h * head_dim;
+    // Positions 0 .. n - 1 are attended to, chunk by chunk; a row of one chunk keeps its
+    // scores in shared memory through the three passes.
+    const int n = i + 1;
+    const bool one_chunk = n <= chunk;
 
+    // Pass 1: the largest score (order-free).
     float local_max = neg_inf();
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) {
-        const typename T::S* kr = k + (kv_base + j) * kv_width + kv_off;
-        float acc = -0.0f;
-        for (int t = 0; t < head_dim; ++t) {
-            acc += T::load(qh[t]) * T::load(kr[t]);
+    for (int c0 = 0; c0 < n; c0 += chunk) {
+        const int len = n - c0 < chunk ? n - c0 : chunk;
+        for (int j = threadIdx.x; j < len; j += blockDim.x) {
+            const typename T::S* kr = k + (kv_base + c0 + j) * kv_width + kv_off;
+            const float s = attention_score<T>(qh, kr, head_dim, scale);
+            if (one_chunk) {
+                scores[j] = s;
+            }
+            local_max = fmaxf(local_max, s);
         }
-        const float raw = round_to<T>(acc);
-        const float s = round_to<T>(raw / scale);
-        scores[j] = s;
-        local_max = fmaxf(local_max, s);
     }
     for (int off = 16; off > 0; off /= 2) {
         local_max = fmaxf(local_max, __shfl_xor_sync(0xffffffffu, local_max, off));
@@ -77,39 +103,78 @@ __device__ void attention_impl(const typename T::S* q, const typename T::S* k,
     }
     __syncthreads();
     const float row_max = shared_max[0];
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) {
-        scores[j] = exp_f32(scores[j] - row_max);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float sum = 0.0f;
-        for (int j = 0; j <= i; ++j) {
-            sum += scores[j];
+
+    // Pass 2: the exponentials, added on one thread in position order, a chunk at a time.
+    float sum = 0.0f;
+    for (int c0 = 0; c0 < n; c0 += chunk) {
+        const int len = n - c0 < chunk ? n - c0 : chunk;
+        for (int j = threadIdx.x; j < len; j += blockDim.x) {
+            float s;
+            if (one_chunk) {
+                s = scores[j];
+            } else {
+                const typename T::S* kr = k + (kv_base + c0 + j) * kv_width + kv_off;
+                s = attention_score<T>(qh, kr, head_dim, scale);
+            }
+            scores[j] = exp_f32(s - row_max);
         }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int j = 0; j < len; ++j) {
+                sum += scores[j];
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
         shared_inv[0] = 1.0f / sum;
     }
     __syncthreads();
     const float inv = shared_inv[0];
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) {
-        scores[j] = round_to<T>(scores[j] * inv);
-    }
-    __syncthreads();
-    typename T::S* oh = out + (i64)r * q_width + (i64)h * head_dim;
-    for (int t = threadIdx.x; t < head_dim; t += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j <= i; ++j) {
-            acc += scores[j] * T::load(v[(kv_base + j) * kv_width + kv_off + t]);
+
+    // Pass 3: the probabilities, rounded to T, times v, summed in position order. Each
+    // thread owns output dimensions t0 + threadIdx.x of a slab of blockDim.x of them.
+    if (one_chunk) {
+        for (int j = threadIdx.x; j < n; j += blockDim.x) {
+            scores[j] = round_to<T>(scores[j] * inv);
         }
-        oh[t] = T::store(acc);
+        __syncthreads();
+    }
+    typename T::S* oh = out + (i64)r * q_width + (i64)h * head_dim;
+    for (int t0 = 0; t0 < head_dim; t0 += blockDim.x) {
+        const int t = t0 + threadIdx.x;
+        float acc = 0.0f;
+        for (int c0 = 0; c0 < n; c0 += chunk) {
+            const int len = n - c0 < chunk ? n - c0 : chunk;
+            if (!one_chunk) {
+                // Everyone is done with the previous chunk's probabilities.
+                __syncthreads();
+                for (int j = threadIdx.x; j < len; j += blockDim.x) {
+                    const typename T::S* kr = k + (kv_base + c0 + j) * kv_width + kv_off;
+                    const float s = attention_score<T>(qh, kr, head_dim, scale);
+                    scores[j] = round_to<T>(exp_f32(s - row_max) * inv);
+                }
+                __syncthreads();
+            }
+            if (t < head_dim) {
+                for (int j = 0; j < len; ++j) {
+                    acc += scores[j] * T::load(v[(kv_base + c0 + j) * kv_width + kv_off + t]);
+                }
+            }
+        }
+        if (t < head_dim) {
+            oh[t] = T::store(acc);
+        }
     }
 }
 
 #define ATTENTION_KERNEL(NAME, T)                                                        \
     extern "C" __global__ void NAME(const T::S* q, const T::S* k, const T::S* v,         \
                                     T::S* out, int seq, int n_heads, int n_kv_heads,     \
-                                    int head_dim, int q_rows_per_batch, float scale) {   \
+                                    int head_dim, int q_rows_per_batch, float scale,     \
+                                    int chunk) {                                         \
         attention_impl<T>(q, k, v, out, seq, n_heads, n_kv_heads, head_dim,              \
-                          q_rows_per_batch, scale);                                      \
+                          q_rows_per_batch, scale, chunk);                               \
     }
 
 // Shared memory of attention_smem: keys and values (storage type, padded to 16 bytes), then

@@ -65,7 +65,11 @@ __device__ A pairwise_leaf(const F& f, i64 lo, i64 n) {
 // The recursion, unrolled onto an explicit stack: a range longer than a leaf pushes its
 // left half; a finished value goes to its parent, which then either pushes its right half
 // (the value was its left half) or adds left + right and hands that on in turn.
-#define PAIRWISE_MAX_DEPTH 64
+// The stack is per thread, so it is sized to what the largest vocab needs and no more: 15
+// levels cover every length up to 2^20 (params' vocab limit; the deepest is 983,049).
+// launch/tail.rs derives the figure from the recursion, checks it against this line, and
+// refuses a longer vocab; kernels.rs checks the frame ptxas gives the kernel.
+#define PAIRWISE_MAX_DEPTH 15
 
 template <typename A, typename F>
 __device__ A pairwise_sum(const F& f, i64 n_total) {

@@ -34,6 +34,14 @@ pub fn is_fatal_looking(line: &str) -> bool {
     FATAL_MARKERS.iter().any(|m| line.contains(m))
 }
 
+/// The first 16 characters, as the reference logs keys and hashes.
+pub fn prefix16(s: &str) -> &str {
+    match s.char_indices().nth(16) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,5 @@
-//! The `llama-pow` binary as an operator runs it: compute and facts on golden cases, and one
-//! clear line on stderr for a bad request.
+//! The `llama-pow` binary as an operator runs it: compute and facts on golden cases, the
+//! self-test, and one clear line on stderr for a bad request.
 
 mod common;
 
@@ -402,4 +402,93 @@ fn bench_sweep_of_fp8_on_the_cpu_fails_with_the_reason() {
     // Checked before the sweep: no f16 configuration ran, and fp8 was not run as f16.
     assert!(!err.contains("f16 batch 2"), "{err:?}");
     assert!(err.contains("in fp8") && err.contains("use_fp8"), "{err:?}");
+}
+
+#[test]
+fn proofs_made_by_compute_validate_in_another_dtype() {
+    // The install check of the README: f16 proofs from `compute`, validated in f32.
+    let case = load("tiny_f16.json");
+    let mut req = request_for(&case, 200, "f16");
+    req["start_nonce"] = json!(0);
+    let out = run(&["compute"], &req.to_string());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let computed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let proofs = computed["valid_nonces"].as_array().unwrap().len();
+    assert!(proofs > 10, "{proofs}");
+    let batch = json!({
+        "block_hash": case["block_hash"], "public_key": case["public_key"],
+        "block_height": 12, "params": case["params"], "r_target": case["r_target"],
+        "nonces": computed["valid_nonces"], "dist": computed["valid_dist"],
+        "dtype": "f32", "batch_size": 16,
+    });
+    let out = run(&["validate"], &batch.to_string());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    assert_eq!(v["n_invalid"], 0);
+    assert_eq!(v["fraud_detected"], false);
+    assert_eq!(v["nonces"], computed["valid_nonces"]);
+    // f16 against f32: within the dtypes' own spread.
+    assert!(v["max_abs_dist_diff"].as_f64().unwrap() < 1e-3);
+    // Progress on stderr, one line per batch.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let progress: Vec<Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(progress.len(), proofs.div_ceil(16), "{stderr}");
+    assert_eq!(progress.last().unwrap()["validated"], proofs);
+
+    // A bad batch: one line on stderr naming the field, and a failure.
+    let mut bad = batch.clone();
+    bad["dist"][0] = json!(9.0);
+    let out = run(&["validate"], &bad.to_string());
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("dist[0]: 9 is not below r_target"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn selftest_passes_on_the_cpu_and_exits_non_zero_when_it_cannot_run() {
+    for (dtype, cases) in [("f16", 2), ("bf16", 4), ("f32", 4)] {
+        let o = run(&["selftest", "--device", "cpu", "--dtype", dtype], "");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["passed"], true, "{v}");
+        let cpu = &v["devices"][0];
+        assert_eq!(cpu["device"], "cpu");
+        assert_eq!(cpu["cases"].as_array().unwrap().len(), cases, "{v}");
+        assert!(cpu["max_abs_diff"].as_f64().unwrap() < 2e-5, "{v}");
+    }
+    // FP8 on the CPU: every device fails the FP8 case, and the exit status says so.
+    let o = run(&["selftest", "--device", "cpu", "--dtype", "fp8"], "");
+    assert!(!o.status.success());
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["passed"], false, "{v}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.starts_with("llama-pow: self-test failed: cpu: v2_shaped_fp8: refused:"),
+        "{err}"
+    );
+    // Without a GPU, --device cuda cannot even start: one line, non-zero.
+    if !std::path::Path::new("/dev/nvidia0").exists() {
+        let o = run(&["selftest", "--device", "cuda"], "");
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.starts_with("llama-pow: --device cuda: cannot compute on CUDA"),
+            "{err}"
+        );
+    }
 }

@@ -311,8 +311,8 @@ fn cuda_graphs_replay_the_same_distances() {
     let want = plain
         .run_batch(&pm, &job, batch::prepare(&job, nonces.clone()), true)
         .unwrap();
-    // The first call captures the graph, the next ones replay it; other nonces through the
-    // same graph must come out as without it too.
+    // The first call runs directly, the second captures the graph, the next ones replay
+    // it; other nonces through the same graph must come out as without it too.
     for round in 0..3u64 {
         let shifted: Vec<u64> = nonces.iter().map(|n| n + 1000 * round).collect();
         let base = plain
@@ -327,8 +327,18 @@ fn cuda_graphs_replay_the_same_distances() {
         .run_batch(&gm, &job, batch::prepare(&job, nonces), true)
         .unwrap();
     assert_eq!(again.dist, want.dist);
+    // Four batches of one size: the first ran directly (plans built, kernels loaded), the
+    // second was captured, the last two replayed the graph. Distances that agree prove
+    // nothing if no graph ever ran.
+    let counts = graphs.graph_counts();
+    assert_eq!(
+        (counts.captures, counts.replays, counts.fallbacks),
+        (1, 2, 0),
+        "{counts:?}"
+    );
+    assert_eq!(plain.graph_counts(), Default::default());
     eprintln!(
-        "CUDA graphs on {}: identical distances over 4 replays",
+        "CUDA graphs on {}: identical distances, {counts:?}",
         plain.name()
     );
 }

@@ -27,6 +27,14 @@ fn health_answers_get_and_post() {
         assert_eq!(v["device"], "cpu");
         assert_eq!(v["n_workers"], 1);
         assert_eq!(v["dtype"], "f16");
+        // The start-up self-test ran on the CPU: the two f16 golden cases.
+        assert_eq!(v["selftest"]["passed"], true, "{v}");
+        assert_eq!(v["selftest"]["cases"], 2, "{v}");
+        assert!(
+            v["selftest"]["max_abs_diff"].as_f64().unwrap() < 2e-5,
+            "{v}"
+        );
+        assert_eq!(v["selftest"]["devices"][0]["device"], "cpu", "{v}");
     }
     let (status, v) = request(s.port, "GET", "/nope", None);
     assert_eq!(status, 404);

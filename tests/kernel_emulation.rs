@@ -24,7 +24,7 @@
 //! or out-of-bounds kernels are stopped.
 
 use llama_pow::backend::cpu::{self, AttnShape, RopeTable};
-use llama_pow::backend::cuda::launch::attention::smem_bytes;
+use llama_pow::backend::cuda::launch::attention::{plan, smem_bytes, AttnPlan};
 use llama_pow::pow::dtype::{Dtype, RoundBf16, RoundF16, RoundF32};
 use llama_pow::pow::params::Params;
 use llama_pow::pow::proof;
@@ -843,6 +843,12 @@ const ATTENTION_SHAPES: &[(usize, usize, usize, usize, usize, usize)] = &[
     // than the 48 KiB of shared memory a block gets without opting in), and the last layer.
     (1, 256, 2, 2, 28, 256),
     (2, 256, 4, 4, 28, 1),
+    // head_dim above the block's 128 threads: each thread owns two output dimensions.
+    (1, 40, 2, 2, 200, 40),
+    // A last-layer row longer than 48 KiB of f32 scores (12,288 positions less the kernel's
+    // own shared memory): the general kernel takes it in chunks when the device cannot opt
+    // in further, where a fixed seq * 4 bytes failed at launch.
+    (1, 12_300, 2, 1, 4, 1),
 ];
 
 #[test]
@@ -879,8 +885,31 @@ fn attention_matches_the_cpu_backend() {
             };
             // As launch/attention.rs computes it.
             let scale = (hd as f64).sqrt() as f32;
-            let mut by_kernel = Vec::new();
-            for (slot, kernel) in ["attention", "attention_smem"].into_iter().enumerate() {
+            // The general kernel with each row in one chunk, as a device with enough shared
+            // memory runs it; with the chunks a device gets without opting in
+            // (launch/attention.rs's plan), when that is less than the row; and with chunks of
+            // a third of the row, so that every shape also walks several chunks (scores
+            // computed again, sums carried across chunks); then the shared-memory kernel.
+            let planned = match plan(seq, hd, dt, 0) {
+                AttnPlan::General { chunk } if chunk < seq => Some(chunk),
+                _ => None,
+            };
+            // (The shared-memory kernel only where some device's blocks hold its keys and
+            // values: Hopper's 227 KiB.)
+            let smem_fits = matches!(plan(seq, hd, dt, 227 * 1024), AttnPlan::Smem { .. });
+            let mut launches = vec![Some(seq)];
+            launches.extend(planned.map(Some));
+            launches.push(Some(seq.div_ceil(3).max(1)));
+            if smem_fits {
+                launches.push(None);
+            }
+            let mut by_kernel: Vec<(String, Vec<f32>)> = Vec::new();
+            for chunk in launches {
+                let kernel = if chunk.is_some() {
+                    "attention"
+                } else {
+                    "attention_smem"
+                };
                 for exp in [Exp::Device, Exp::HostExpf] {
                     let mut l = Launch::new(kernel, Some(dt))
                         .arg("batch", batch)
@@ -890,9 +919,10 @@ fn attention_matches_the_cpu_backend() {
                         .arg("head_dim", hd)
                         .arg("q_rows", qr)
                         .f32_arg("scale", scale);
-                    if kernel == "attention_smem" {
-                        l = l.arg("smem", smem_bytes(seq, hd, dt));
-                    }
+                    l = match chunk {
+                        Some(c) => l.arg("chunk", c),
+                        None => l.arg("smem", smem_bytes(seq, hd, dt)),
+                    };
                     let out = l
                         .input(&encode(dt, &q))
                         .input(&encode(dt, &k))
@@ -903,22 +933,25 @@ fn attention_matches_the_cpu_backend() {
                     let got = decode(dt, &out);
                     let what = format!(
                         "{kernel} {dt:?} batch {batch} seq {seq} heads {n_heads}/{n_kv} \
-                         head_dim {hd} q_rows {qr} exp {exp:?}"
+                         head_dim {hd} q_rows {qr} chunk {chunk:?} exp {exp:?}"
                     );
                     match exp {
                         Exp::HostExpf => {
                             compare(&what, dt, &got, &want, Tol::Exact);
                         }
                         Exp::Device => {
-                            device[slot].add(compare(&what, dt, &got, &want, device_tol));
-                            by_kernel.push(got);
+                            let which = usize::from(chunk.is_none());
+                            device[which].add(compare(&what, dt, &got, &want, device_tol));
+                            by_kernel.push((what, got));
                         }
                     }
                 }
             }
-            // The two kernels compute the same thing in the same order.
-            let what = format!("attention vs attention_smem {dt:?} seq {seq} head_dim {hd}");
-            compare(&what, dt, &by_kernel[0], &by_kernel[1], Tol::Exact);
+            // Every launch computes the same thing in the same order.
+            for (what, got) in &by_kernel[1..] {
+                let what = format!("{what} against {}", by_kernel[0].0);
+                compare(&what, dt, got, &by_kernel[0].1, Tol::Exact);
+            }
         }
         // The fraction of values that an exponential one f32 ulp off reaches.
         let frac = if dt == Dtype::F32 { 0.01 } else { 0.005 };
@@ -1130,7 +1163,17 @@ fn tail_matches_proof_distance() {
     let mut case = 0u64;
     let mut nonces = 0;
     for dt in Dtype::ALL {
-        for (batch, vocab) in [(1, 1), (3, 7), (33, 7), (2, 129), (5, 1000), (3, 8196)] {
+        // The last length is the one whose pairwise sum goes deepest of all up to the vocab
+        // limit: it fills the kernel's stack to the last level.
+        for (batch, vocab) in [
+            (1, 1),
+            (3, 7),
+            (33, 7),
+            (2, 129),
+            (5, 1000),
+            (3, 8196),
+            (1, 983_049),
+        ] {
             case += 1;
             let logits = rng.uniform(dt, batch * vocab, 12.0);
             let perm: Vec<i64> = (0..batch).flat_map(|_| rng.permutation(vocab)).collect();

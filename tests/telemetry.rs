@@ -61,6 +61,19 @@ fn metrics_parse_and_move_with_a_job() {
         Some(1.0)
     );
     assert_eq!(value(&before, "llama_pow_gpus", &[]), Some(0.0));
+    // The start-up self-test passed on the CPU, on the two f16 golden cases.
+    let cpu = [("device", "cpu")];
+    assert_eq!(value(&before, "llama_pow_selftest_passed", &cpu), Some(1.0));
+    assert_eq!(value(&before, "llama_pow_selftest_cases", &cpu), Some(2.0));
+    assert!(value(&before, "llama_pow_selftest_max_abs_diff", &cpu).unwrap() < 2e-5);
+    // A CPU server runs no CUDA graph, and says so.
+    for event in ["capture", "replay", "fallback", "dropped"] {
+        let labels = [("event", event)];
+        assert_eq!(
+            value(&before, "llama_pow_cuda_graphs_total", &labels),
+            Some(0.0)
+        );
+    }
     assert_eq!(histogram_count(&before, "llama_pow_batch_seconds"), 0);
 
     // A job on the tiny model: every nonce is valid under r_target 10, so every batch is a line.
@@ -227,6 +240,9 @@ fn local_bench_writes_a_complete_folder() {
     assert!(report["machine"]["logical_cpus"].as_u64().unwrap() >= 1);
     assert!(report["llama_pow_version"].is_string());
     assert!(report["gpus"].is_array());
+    assert_eq!(report["cuda_graphs"], false);
+    assert_eq!(report["cuda_graph_events"]["replays"], 0);
+    assert_eq!(report["cuda_graph_events"]["captures"], 0);
     let results = report["results"].as_array().unwrap();
     assert_eq!(results.len(), 4);
     let mut batches = 0;
@@ -414,4 +430,169 @@ fn server_bench_drives_a_running_server() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["jobs"][0]["lines"], 5, "{}", v["jobs"][0]);
     s.assert_clean_log();
+}
+
+/// Every metric name (and every `by (...)` label) a query of the shipped Grafana dashboard
+/// uses is one the server exports: the real server's /metrics from its first scrape (the
+/// labelled counters are there at 0), plus the per-GPU gauges as the server renders them for a
+/// GPU, which this machine may not have.
+#[test]
+fn every_dashboard_query_names_an_exported_metric() {
+    use llama_pow::telemetry::{GpuSample, Metrics};
+    let s = Server::start_with_env(&[], &[("LLAMA_POW_NVML", "0")]);
+    let served = scrape(&s);
+    let gpu = GpuSample {
+        index: 0,
+        name: "Any GPU".into(),
+        uuid: Some("GPU-0".into()),
+        memory_used_bytes: Some(1),
+        memory_total_bytes: Some(2),
+        utilization_gpu_percent: Some(3),
+        utilization_memory_percent: Some(4),
+        power_watts: Some(5.0),
+        temperature_celsius: Some(6),
+        sm_clock_mhz: Some(7),
+        memory_clock_mhz: Some(8),
+        graphics_clock_mhz: Some(9),
+    };
+    let text = Metrics::new().render(&[gpu]);
+    let with_gpu = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    // name -> the labels its samples carry.
+    let mut exported: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    for sample in served.samples.iter().chain(&with_gpu.samples) {
+        let labels = exported.entry(sample.metric.clone()).or_default();
+        labels.extend(sample.labels.keys().map(|k| k.to_string()));
+        if let prometheus_parse::Value::Histogram(_) = sample.value {
+            // Histograms are queried through their series.
+            for suffix in ["_bucket", "_sum", "_count"] {
+                let series = exported
+                    .entry(format!("{}{suffix}", sample.metric))
+                    .or_default();
+                series.insert("le".into());
+            }
+        }
+    }
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/grafana/llama-pow-dashboard.json"
+    );
+    let dash: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut exprs: Vec<String> = Vec::new();
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x) {
+                        ("expr" | "definition", Value::String(e)) => out.push(e.clone()),
+                        _ => walk(x, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    walk(&dash, &mut exprs);
+    assert!(exprs.len() >= 20, "{} queries", exprs.len());
+    let mut seen = std::collections::BTreeSet::new();
+    for e in &exprs {
+        let names: Vec<&str> = e
+            .match_indices("llama_pow_")
+            .map(|(i, _)| {
+                let rest = &e[i..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .collect();
+        assert!(!names.is_empty(), "a query with no llama-pow metric: {e}");
+        for n in &names {
+            assert!(
+                exported.contains_key(*n),
+                "{n} is not exported (query: {e})"
+            );
+            seen.insert(n.to_string());
+        }
+        for group in e.split("by (").skip(1) {
+            for label in group.split(')').next().unwrap().split(',') {
+                let label = label.trim();
+                assert!(
+                    names.iter().any(|n| exported[*n].contains(label)),
+                    "no metric of {e} has the label {label}"
+                );
+            }
+        }
+    }
+    // The panels the dashboard promises.
+    for needed in [
+        "llama_pow_nonces_computed_total",
+        "llama_pow_nonces_valid_total",
+        "llama_pow_batch_seconds_bucket",
+        "llama_pow_gpu_utilization_percent",
+        "llama_pow_gpu_memory_used_bytes",
+        "llama_pow_gpu_power_watts",
+        "llama_pow_device_errors_total",
+    ] {
+        assert!(
+            seen.contains(needed),
+            "the dashboard does not show {needed}"
+        );
+    }
+}
+
+/// Ctrl-C during a local bench: it stops, still writes the report, CSVs and plot with what
+/// was measured, marks the report interrupted and exits with 130.
+#[test]
+fn an_interrupted_bench_still_writes_its_report() {
+    let dir = scratch("bench-interrupted");
+    let params = tiny_params_file(&dir);
+    let out = dir.join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llama-pow"))
+        .arg("bench")
+        .args(["--params", params.to_str().unwrap(), "--device", "cpu"])
+        .args(["--batch-sizes", "4,8", "--seconds", "30"])
+        .args(["--out", out.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let the first configuration compute for a while.
+    assert!(wait_until(Duration::from_secs(30), || {
+        csv_rows_if_any(&out.join("metrics.csv")) > 10
+    }));
+    // SAFETY: kill(2) with the PID of a child this test started and has not reaped.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the bench did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["interrupted"], true);
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "the second configuration never started");
+    assert!(results[0]["nonces"].as_u64().unwrap() > 0);
+    assert!(results[0]["seconds"].as_f64().unwrap() < 25.0);
+    assert_eq!(png_size(&out.join("throughput_latency.png")), (1280, 800));
+    let (_, rows) = csv_rows(&out.join("metrics.csv"));
+    assert_eq!(rows.len() as u64, results[0]["batches"].as_u64().unwrap());
+}
+
+/// Rows of a CSV file being written, 0 while it does not exist.
+fn csv_rows_if_any(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().count().saturating_sub(1))
+        .unwrap_or(0)
 }

@@ -5,7 +5,8 @@ Each Runpod job `{"input": {...}}` goes to the llama-pow server running in the s
 (`/stream` gives them as they come; `/run` and `/runsync` get the list of all of them).
 
 The server route follows from the input, as in the server's contract: `orchestrator_url` means
-/pooled, `callback_url` means /warmup, anything else is a /generate request. The input goes to
+/pooled, `callback_url` means /warmup, `nonces` with `dist` (a proof batch) means /validate,
+anything else is a /generate request. The input goes to
 the server as `{"input": {...}}`, which the server unwraps itself.
 
 Environment:
@@ -44,6 +45,8 @@ def route_for(request):
         return "/pooled"
     if "callback_url" in request:
         return "/warmup"
+    if "nonces" in request and "dist" in request:
+        return "/validate"
     return "/generate"
 
 

@@ -14,6 +14,9 @@ Environment:
                        Written to .has_benchmark in the working directory before the worker
                        starts, so the SDK reports it instead of benchmarking the server.
     WORKER_JOB_WORKLOAD  workload of one /generate, /warmup or /pooled request (default 100)
+    WORKER_VALIDATE_NONCE_WORKLOAD
+                       workload of one nonce of a /validate request (default 0.1: a batch of
+                       1000 nonces weighs as much as a compute job)
 
 The SDK itself reads WORKER_PORT, REPORT_ADDR, CONTAINER_ID, PUBLIC_IPADDR, VAST_TCP_PORT_<port>,
 UNSECURED, USE_SSL and MASTER_TOKEN, which the Vast.ai platform sets.
@@ -62,6 +65,16 @@ def job_workload(_payload):
     return positive_float("WORKER_JOB_WORKLOAD", "100")
 
 
+def validate_workload(payload):
+    """A validation recomputes each nonce of its batch once: its cost grows with their number
+    (at least one nonce's worth, for an empty or malformed batch, which the server answers at
+    once)."""
+    per_nonce = positive_float("WORKER_VALIDATE_NONCE_WORKLOAD", "0.1")
+    nonces = payload.get("nonces") if isinstance(payload, dict) else None
+    n = len(nonces) if isinstance(nonces, list) else 0
+    return per_nonce * max(n, 1)
+
+
 def health_workload(_payload):
     return HEALTH_WORKLOAD
 
@@ -72,7 +85,7 @@ def build_config():
     server_port = int(os.environ.get("MODEL_SERVER_PORT", "").strip() or "18000")
     model_log = os.environ.get("MODEL_LOG", "").strip() or "/var/log/model/server.log"
 
-    def compute_route(route):
+    def compute_route(route, workload=job_workload):
         # One job owns the devices, so requests queue in arrival order (a request whose
         # client leaves is answered 499 and the next one is sent). A job runs for minutes:
         # never reject a request for waiting, and never time one out.
@@ -80,7 +93,7 @@ def build_config():
             route=route,
             allow_parallel_requests=False,
             max_queue_time=None,
-            workload_calculator=job_workload,
+            workload_calculator=workload,
         )
 
     return WorkerConfig(
@@ -105,6 +118,7 @@ def build_config():
             compute_route("/generate"),
             compute_route("/warmup"),
             compute_route("/pooled"),
+            compute_route("/validate", validate_workload),
         ],
         log_action_config=LogActionConfig(
             on_load=[READY_LINE],
@@ -126,7 +140,10 @@ def write_benchmark_file():
 
 def main():
     config = build_config()
-    job_workload(None)  # fail now on a bad WORKER_JOB_WORKLOAD, not on the first request
+    # Fail now on a bad WORKER_JOB_WORKLOAD or WORKER_VALIDATE_NONCE_WORKLOAD, not on the
+    # first request.
+    job_workload(None)
+    validate_workload(None)
     write_benchmark_file()
     Worker(config).run()
 

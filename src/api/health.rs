@@ -4,8 +4,9 @@ use super::AppState;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
-/// `{"status": "healthy", "cuda_broken": false, "busy": ...}` plus what the engine is doing
-/// and the GPUs' readings (`gpus`: an empty list without NVML or GPUs).
+/// `{"status": "healthy", "cuda_broken": false, "busy": ...}` plus what the engine is doing,
+/// the GPUs' readings (`gpus`: an empty list without NVML or GPUs) and the start-up
+/// self-test (`selftest`: passed, cases, max_abs_diff, per device; null if none ran).
 /// POST bodies (the PyWorker's benchmark posts `{}`) are ignored.
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let s = state.engine.status();
@@ -26,6 +27,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         "dtype": state.engine.precision(),
         "uptime_seconds": state.started.elapsed().as_secs(),
         "gpus": gpus,
+        "selftest": state.engine.metrics().selftest(),
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }

@@ -1,54 +1,22 @@
-//! POST /warmup {callback_url, job_id?}: poll `{callback_url}/warmup/params?job_id=J` until it
-//! hands over a generation request, streaming every status as it happens; then generate like
-//! /generate and post `{callback_url}/warmup/complete`.
+//! POST /warmup {callback_url, job_id?}: the request checked, then the /warmup session
+//! ([`crate::session::warmup`]) streamed.
 
-use super::client::{self, CallError};
-use super::envelope::{bad_request, read_json, unwrap_envelope};
-use super::generate::{self, ErrorLine};
-use super::ndjson::{self, LineSink};
-use super::{logsafe::scrub, AppState};
-use crate::pow::request::Fields;
+use super::envelope::read_request;
+use super::ndjson;
+use super::AppState;
+use crate::session::client::Client;
+use crate::session::warmup::{self, parse_warmup, WarmupEnv};
 use actix_web::{web, HttpResponse};
-use serde_json::{json, Value};
-use std::time::{Duration, Instant};
-
-/// A parsed /warmup request.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WarmupRequest {
-    pub callback_url: String,
-    pub job_id: String,
-}
-
-pub fn parse_warmup(v: &Value) -> Result<WarmupRequest, String> {
-    let f = Fields::new(v, "request", "").map_err(|e| e.to_string())?;
-    let url = f.string("callback_url").map_err(|e| e.to_string())?;
-    let callback_url = client::parse_url("callback_url", &url)?;
-    let job_id = match f.get("job_id") {
-        None => "unknown".to_owned(),
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 1024 => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
-        Some(other) => {
-            return Err(format!(
-                "job_id: expected a non-empty string of at most 1024 bytes, got {other}"
-            ))
-        }
-    };
-    Ok(WarmupRequest {
-        callback_url,
-        job_id,
-    })
-}
 
 pub async fn warmup(state: web::Data<AppState>, payload: web::Payload) -> HttpResponse {
-    let req = match read_json(payload, state.cfg.max_body_bytes)
+    let req = match read_request(payload, state.cfg.body_limits())
         .await
-        .and_then(unwrap_envelope)
-        .and_then(|v| parse_warmup(&v))
+        .and_then(|v| Ok(parse_warmup(&v)?))
     {
         Ok(r) => r,
-        Err(e) => return bad_request(&e),
+        Err(e) => return e.response(),
     };
-    let http = match client::client(state.cfg.client_timeout) {
+    let http = match Client::new(state.cfg.client_limits()) {
         Ok(c) => c,
         Err(e) => {
             return super::envelope::error_response(
@@ -60,212 +28,11 @@ pub async fn warmup(state: web::Data<AppState>, payload: web::Payload) -> HttpRe
     tracing::info!("warmup: job {}, waiting for params", req.job_id);
     ndjson::response(move |sink| async move {
         let _session = state.sessions.enter();
-        run(&state, &http, &req, &sink).await;
-    })
-}
-
-enum Wait {
-    Params(Value),
-    TimedOut(u64),
-    Gone,
-}
-
-async fn fetch_params(
-    http: &reqwest::Client,
-    req: &WarmupRequest,
-) -> Result<Option<Value>, CallError> {
-    let url = client::join(&req.callback_url, "/warmup/params");
-    let v = client::get_json(http, &url, &[("job_id", &req.job_id)]).await?;
-    if v.get("status").and_then(Value::as_str) == Some("ready") {
-        if let Some(p) = v.get("params").filter(|p| !p.is_null()) {
-            return Ok(Some(p.clone()));
-        }
-    }
-    Ok(None)
-}
-
-async fn wait_for_params(
-    state: &AppState,
-    http: &reqwest::Client,
-    req: &WarmupRequest,
-    sink: &LineSink,
-) -> Wait {
-    let start = Instant::now();
-    let mut poll_count: u64 = 0;
-    let mut failures: u64 = 0;
-    loop {
-        let elapsed = start.elapsed();
-        if elapsed > state.cfg.warmup_max {
-            return Wait::TimedOut(elapsed.as_secs());
-        }
-        poll_count += 1;
-        let got = tokio::select! {
-            r = fetch_params(http, req) => r,
-            _ = sink.closed() => return Wait::Gone,
-            _ = state.shutdown_signal() => return Wait::Gone,
+        let env = WarmupEnv {
+            engine: state.engine.clone(),
+            cfg: state.cfg.warmup(),
+            shutdown: state.shutdown.clone(),
         };
-        match got {
-            Ok(Some(p)) => return Wait::Params(p),
-            Ok(None) => {}
-            Err(e) => {
-                failures += 1;
-                // Warn at the 1st, 2nd, 4th, 8th... failure in a row.
-                if failures.is_power_of_two() {
-                    tracing::warn!(
-                        "warmup {}: params poll {poll_count} failed ({failures} so far), retrying: {e}",
-                        req.job_id
-                    );
-                }
-            }
-        }
-        let line = json!({
-            "status": "warmup_waiting",
-            "poll_count": poll_count,
-            "elapsed": start.elapsed().as_secs(),
-        });
-        if !sink.send(&line).await {
-            return Wait::Gone;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(state.cfg.warmup_poll) => {}
-            _ = sink.closed() => return Wait::Gone,
-            _ = state.shutdown_signal() => return Wait::Gone,
-        }
-    }
-}
-
-async fn run(state: &AppState, http: &reqwest::Client, req: &WarmupRequest, sink: &LineSink) {
-    let start = Instant::now();
-    if !sink
-        .send(&json!({"status": "warmup_ready", "job_id": req.job_id}))
-        .await
-    {
-        return;
-    }
-    // Bring the devices up while the node makes up its mind.
-    let engine = state.engine.clone();
-    let _ = std::thread::Builder::new()
-        .name("warm-up".into())
-        .spawn(move || engine.warm_up());
-
-    let params = match wait_for_params(state, http, req, sink).await {
-        Wait::Params(p) => p,
-        Wait::TimedOut(elapsed) => {
-            tracing::info!("warmup {}: no params after {elapsed} s", req.job_id);
-            sink.send(&json!({"status": "warmup_timeout", "elapsed": elapsed}))
-                .await;
-            return;
-        }
-        Wait::Gone => {
-            if state.shutting_down() {
-                sink.send(&generate::SHUTTING_DOWN).await;
-            }
-            return;
-        }
-    };
-    let gen_req = match unwrap_envelope(params).and_then(|v| generate::validate(&state.engine, &v))
-    {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(
-                "warmup {}: the callback's params are not a valid request: {}",
-                req.job_id,
-                scrub(&e)
-            );
-            sink.send(&ErrorLine {
-                error: &format!("invalid params from the callback: {e}"),
-                error_type: "ValidationError",
-                fatal: false,
-            })
-            .await;
-            return;
-        }
-    };
-    let elapsed = start.elapsed().as_secs();
-    tracing::info!(
-        "warmup {}: params received after {elapsed} s, generating",
-        req.job_id
-    );
-    if !sink
-        .send(&json!({"status": "warmup_params_received", "elapsed": elapsed}))
-        .await
-    {
-        return;
-    }
-    let handle = match state
-        .engine
-        .submit(generate::job_for(&gen_req, state.cfg.max_job))
-    {
-        Ok(h) => h,
-        Err(e) => {
-            sink.send(&ErrorLine {
-                error: &e.to_string(),
-                error_type: "Shutdown",
-                fatal: false,
-            })
-            .await;
-            return;
-        }
-    };
-    let totals = generate::stream_generation(handle, sink).await;
-    let body = json!({
-        "job_id": req.job_id,
-        "total_batches": totals.batches,
-        "total_computed": totals.computed,
-        "total_valid": totals.valid,
-    });
-    let url = client::join(&req.callback_url, "/warmup/complete");
-    for attempt in 1..=3u32 {
-        match client::post_json(http, &url, &body).await {
-            Ok(_) => {
-                tracing::info!(
-                    "warmup {}: completion posted ({} batches, {} computed, {} valid)",
-                    req.job_id,
-                    totals.batches,
-                    totals.computed,
-                    totals.valid
-                );
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "warmup {}: completion post {attempt} of 3 failed: {e}",
-                    req.job_id
-                );
-                if attempt < 3 {
-                    tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn warmup_requests() {
-        let r =
-            parse_warmup(&json!({"callback_url": "http://127.0.0.1:1/cb/", "job_id": 7})).unwrap();
-        assert_eq!(r.callback_url, "http://127.0.0.1:1/cb");
-        assert_eq!(r.job_id, "7");
-        assert_eq!(
-            parse_warmup(&json!({"callback_url": "http://h"}))
-                .unwrap()
-                .job_id,
-            "unknown"
-        );
-        assert!(parse_warmup(&json!({}))
-            .unwrap_err()
-            .contains("callback_url: missing"));
-        assert!(parse_warmup(&json!({"callback_url": "file:///etc"}))
-            .unwrap_err()
-            .contains("http://"));
-        assert!(
-            parse_warmup(&json!({"callback_url": "http://h", "job_id": []}))
-                .unwrap_err()
-                .contains("job_id")
-        );
-    }
+        warmup::run(&env, &http, &req, &sink).await;
+    })
 }

@@ -8,6 +8,43 @@ use crate::pow::params::Params;
 use crate::pow::proof;
 use rayon::prelude::*;
 use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Whether a batch being computed should be given up: its job was stopped (time limit,
+/// preemption, disconnect, shutdown) or its deadline passed. Cheap to ask (an atomic load
+/// and, with a deadline, a clock read), so that a backend can ask between layers.
+///
+/// A batch given up is dropped whole: the backend returns
+/// [`BackendError::Stopped`](super::BackendError::Stopped) and none of its nonces is reported.
+#[derive(Debug, Clone, Default)]
+pub struct StopToken {
+    /// Set once the job is stopped; None: never.
+    flag: Option<Arc<AtomicBool>>,
+    deadline: Option<Instant>,
+}
+
+impl StopToken {
+    /// A token that is stopped once `flag` is set.
+    pub fn new(flag: Arc<AtomicBool>) -> Self {
+        StopToken {
+            flag: Some(flag),
+            deadline: None,
+        }
+    }
+
+    /// The same token, stopped at `deadline` too.
+    pub fn with_deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.flag.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
+            || self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}
 
 /// What stays fixed across the batches of one job.
 #[derive(Debug, Clone)]
@@ -19,6 +56,8 @@ pub struct JobSpec {
     pub r_target: f64,
     /// The unit target vector of `block_hash`.
     pub target: Vec<f64>,
+    /// When to give up a batch midway (never, unless the engine sets one).
+    pub stop: StopToken,
 }
 
 impl JobSpec {
@@ -36,6 +75,15 @@ impl JobSpec {
             dtype,
             r_target,
             target: proof::target(block_hash, params.vocab_usize()),
+            stop: StopToken::default(),
+        }
+    }
+
+    /// This spec, its batches also given up once `deadline` passes (a job's time limit).
+    pub fn until(self, deadline: Instant) -> Self {
+        JobSpec {
+            stop: self.stop.clone().with_deadline(deadline),
+            ..self
         }
     }
 }
@@ -165,6 +213,21 @@ pub fn finish(job: &JobSpec, batch: PreparedBatch, logits: &[f32]) -> BatchResul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stop_tokens() {
+        assert!(!StopToken::default().is_stopped());
+        let flag = Arc::new(AtomicBool::new(false));
+        let t = StopToken::new(flag.clone());
+        let later = t
+            .clone()
+            .with_deadline(Instant::now() + std::time::Duration::from_secs(60));
+        assert!(!t.is_stopped() && !later.is_stopped());
+        flag.store(true, Ordering::SeqCst);
+        assert!(t.is_stopped() && later.is_stopped());
+        let past = StopToken::default().with_deadline(Instant::now());
+        assert!(past.is_stopped());
+    }
 
     #[test]
     fn results_with_all_distances_or_only_the_proofs() {

@@ -7,8 +7,9 @@
 pub mod batch;
 pub mod cpu;
 pub mod cuda;
+pub mod selftest;
 
-pub use batch::{BatchResult, JobSpec, PreparedBatch};
+pub use batch::{BatchResult, JobSpec, PreparedBatch, StopToken};
 
 use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
@@ -27,6 +28,10 @@ pub enum BackendError {
     /// The device failed.
     #[error("device failure: {0}")]
     Device(String),
+    /// The batch was given up midway because its [`JobSpec::stop`] said so: a stop, not a
+    /// failure. None of its nonces is reported.
+    #[error("the batch was stopped before it finished")]
+    Stopped,
 }
 
 /// A model built by a backend on its device, its concrete type known only to that backend
@@ -70,7 +75,9 @@ pub trait Backend: Send + Sync + 'static {
     /// The default is [`Backend::forward_last_logits`] then [`batch::finish`] on the host; a
     /// GPU computes the distances and the r_target filter on the device so that only the
     /// proofs come back. `job` is the spec the batch was prepared with (its block hash and
-    /// public key), or a later one that differs only in r_target.
+    /// public key), or a later one that differs only in r_target. A backend may give the
+    /// batch up when `job.stop` says so ([`BackendError::Stopped`]); the CPU asks between
+    /// layers.
     fn run_batch(
         &self,
         model: &Model,
@@ -103,6 +110,10 @@ pub trait Backend: Send + Sync + 'static {
     fn max_batch(&self, _model: &Model, _params: &Params) -> Option<usize> {
         None
     }
+
+    /// A job has ended: give back the working memory kept between its batches (the CPU's
+    /// scratch buffers), so that an idle server holds little more than its cached models.
+    fn release_working_memory(&self) {}
 }
 
 /// The concrete model behind `model`, or a device error when the backend named `device` did

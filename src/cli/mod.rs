@@ -4,7 +4,9 @@ pub mod bench;
 pub mod compute;
 pub mod devices;
 pub mod facts;
+pub mod selftest;
 pub mod serve;
+pub mod validate;
 
 use crate::pow::request::ComputeRequest;
 use anyhow::Context;
@@ -25,7 +27,12 @@ pub(crate) fn seconds(s: &str) -> Result<Duration, String> {
 
 /// Read a compute/facts request from `--request FILE` or standard input.
 pub fn read_request(path: Option<&Path>) -> anyhow::Result<ComputeRequest> {
-    let text = match path {
+    Ok(ComputeRequest::parse_str(&read_text(path)?)?)
+}
+
+/// The text of `--request FILE`, or of standard input.
+pub fn read_text(path: Option<&Path>) -> anyhow::Result<String> {
+    Ok(match path {
         Some(p) => std::fs::read_to_string(p)
             .with_context(|| format!("cannot read request file {}", p.display()))?,
         None => {
@@ -35,6 +42,5 @@ pub fn read_request(path: Option<&Path>) -> anyhow::Result<ComputeRequest> {
                 .context("cannot read the request from standard input")?;
             s
         }
-    };
-    Ok(ComputeRequest::parse_str(&text)?)
+    })
 }

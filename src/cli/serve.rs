@@ -3,9 +3,10 @@
 use super::devices::{check_fp8_devices, resolve_devices, DeviceChoice, DtypeChoice};
 use super::seconds;
 use crate::api::{self, ServeConfig};
-use crate::backend::Backend;
+use crate::backend::{selftest, Backend};
 use crate::engine::{Engine, EngineOptions};
 use crate::pow::params::Params;
+use crate::telemetry::Metrics;
 use clap::Args;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +27,8 @@ pub struct ServeArgs {
     /// Model dtype.
     #[arg(long, env = "LLAMA_POW_DTYPE", value_enum, default_value = "f16")]
     pub dtype: DtypeChoice,
-    /// Time limit of a /generate job (and of /warmup's generation), in seconds.
+    /// Time limit of a /generate job (and of /warmup's generation), in seconds; a request may
+    /// ask for less with max_seconds (or for a number of nonces with max_nonces).
     #[arg(long, env = "LLAMA_POW_MAX_JOB_SECONDS", default_value = "420", value_parser = seconds)]
     pub max_job_seconds: Duration,
     /// /warmup: interval between polls of the callback for params, in seconds.
@@ -55,10 +57,21 @@ pub struct ServeArgs {
     /// Timeout of every call to a warmup callback or the orchestrator, in seconds.
     #[arg(long, env = "LLAMA_POW_CLIENT_TIMEOUT_SECONDS", default_value = "10", value_parser = seconds)]
     pub client_timeout_seconds: Duration,
-    /// On SIGTERM / SIGINT: how long /pooled sessions may take to deliver their results and
-    /// notify the orchestrator before the process exits, in seconds.
+    /// Largest reply body read from a warmup callback or the orchestrator, in bytes; a longer
+    /// one is a failed call (retried like a 500).
+    #[arg(long, env = "LLAMA_POW_MAX_REPLY_BYTES", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    pub max_reply_bytes: u64,
+    /// On SIGTERM / SIGINT / SIGHUP: how long streams may take to end with their shutdown
+    /// line and /pooled sessions to deliver their results and notify the orchestrator before
+    /// the process exits, in seconds.
     #[arg(long, env = "LLAMA_POW_SHUTDOWN_GRACE_SECONDS", default_value = "25", value_parser = seconds)]
     pub shutdown_grace_seconds: Duration,
+    /// The longest a batch should take on a device, in seconds: once a batch has been
+    /// measured, batch sizes are cut to what the device computes in this long (never below
+    /// one nonce), so that stops and newer requests do not wait long.
+    #[arg(long, env = "LLAMA_POW_MAX_BATCH_SECONDS", default_value = "2", value_parser = seconds)]
+    pub max_batch_seconds: Duration,
     /// Built models kept across requests (each as large as the model).
     #[arg(long, env = "LLAMA_POW_MODEL_CACHE", default_value_t = 1)]
     pub model_cache: usize,
@@ -72,6 +85,14 @@ pub struct ServeArgs {
     /// per batch instead of thousands; single-GPU groups). Off until measured on a GPU.
     #[arg(long, env = "LLAMA_POW_CUDA_GRAPHS")]
     pub cuda_graphs: bool,
+    /// How long a request body may take to arrive, whole, in seconds (408 after that).
+    #[arg(long, env = "LLAMA_POW_BODY_TIMEOUT_SECONDS", default_value = "10", value_parser = seconds)]
+    pub body_timeout_seconds: Duration,
+    /// Connections served at once over all HTTP workers; further ones wait to be accepted.
+    /// Cut at start-up to stay below the open-file limit.
+    #[arg(long, env = "LLAMA_POW_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
     /// HTTP worker threads.
     #[arg(long, env = "LLAMA_POW_HTTP_WORKERS", default_value_t = 2,
           value_parser = clap::value_parser!(u64).range(1..=64))]
@@ -100,7 +121,10 @@ impl ServeArgs {
             pooled_max_backlog: self.pooled_max_backlog.max(1),
             pooled_batch_size: self.pooled_batch_size,
             client_timeout: self.client_timeout_seconds,
+            max_reply_bytes: self.max_reply_bytes as usize,
             shutdown_grace: self.shutdown_grace_seconds,
+            body_timeout: self.body_timeout_seconds,
+            max_connections: self.max_connections as usize,
             ..ServeConfig::default()
         }
     }
@@ -186,21 +210,29 @@ pub fn init_logging() {
     }));
 }
 
-/// Run the server until SIGTERM / SIGINT.
+/// Run the server until SIGTERM / SIGINT. Before the ready line, every device runs the
+/// start-up self-test ([`crate::backend::selftest`]): a device that fails it is not used,
+/// and with none left the server refuses to start.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     init_logging();
     let devices = args.devices()?;
     if args.dtype.fp8() {
         check_fp8_devices(&devices)?;
     }
-    let engine = Engine::new(
+    let (devices, selftest) =
+        selftest::select(devices, args.dtype.served()).map_err(|e| anyhow::anyhow!(e))?;
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_selftest(selftest);
+    let engine = Engine::with_metrics(
         devices,
         EngineOptions {
             dtype: args.dtype.dtype(),
             fp8: args.dtype.fp8(),
             model_cache: args.model_cache,
+            max_batch_duration: args.max_batch_seconds,
             ..EngineOptions::default()
         },
+        metrics,
     );
     let cfg = args.config();
     actix_web::rt::System::new().block_on(api::serve(cfg, engine))

@@ -5,7 +5,7 @@
 //! [`super::worker`]'s.
 
 use super::signal::Signal;
-use crate::backend::BackendError;
+use crate::backend::{BackendError, StopToken};
 use crate::pow::params::Params;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,7 +23,17 @@ pub struct ModelSpec {
     pub params: Params,
 }
 
-/// An open-ended schedule from `start_nonce` until `max_duration` has passed.
+impl ModelSpec {
+    pub fn new(block_hash: &str, params: &Params) -> Self {
+        ModelSpec {
+            block_hash: block_hash.to_owned(),
+            params: params.clone(),
+        }
+    }
+}
+
+/// A schedule from `start_nonce` until `max_duration` has passed (no batch starts after it),
+/// or until the first `max_nonces` nonces are computed, whichever comes first.
 #[derive(Debug, Clone)]
 pub struct GenerateJob {
     pub model: ModelSpec,
@@ -33,6 +43,9 @@ pub struct GenerateJob {
     pub start_nonce: u64,
     pub batch_size: u64,
     pub max_duration: Duration,
+    /// Compute nonces `start_nonce ..= start_nonce + max_nonces - 1` and end (None: no end
+    /// but the time limit).
+    pub max_nonces: Option<u64>,
 }
 
 /// A range job: the model now, the public key and nonce range through [`JobControl::assign`].
@@ -42,10 +55,25 @@ pub struct RangeJob {
     pub batch_size: u64,
 }
 
+/// Recompute the distances of a given list of nonces (a proof batch to validate), until
+/// every one is done or `max_duration` has passed.
+#[derive(Debug, Clone)]
+pub struct ValidateJob {
+    pub model: ModelSpec,
+    pub public_key: String,
+    pub block_height: u64,
+    pub r_target: f64,
+    /// In any order, each at most once; worker w of W takes those at positions w, w + W, ...
+    pub nonces: Arc<Vec<u64>>,
+    pub batch_size: u64,
+    pub max_duration: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub enum Job {
     Generate(GenerateJob),
     Range(RangeJob),
+    Validate(ValidateJob),
 }
 
 impl Job {
@@ -53,6 +81,7 @@ impl Job {
         match self {
             Job::Generate(g) => &g.model,
             Job::Range(r) => &r.model,
+            Job::Validate(v) => &v.model,
         }
     }
 
@@ -60,6 +89,7 @@ impl Job {
         match self {
             Job::Generate(g) => &mut g.model,
             Job::Range(r) => &mut r.model,
+            Job::Validate(v) => &mut v.model,
         }
     }
 
@@ -67,14 +97,26 @@ impl Job {
         match self {
             Job::Generate(g) => g.batch_size,
             Job::Range(r) => r.batch_size,
+            Job::Validate(v) => v.batch_size,
         }
     }
 
+    /// Every value [`Job::kind`] gives (metric labels are created for each at start-up).
+    pub const KINDS: [&'static str; 3] = ["generate", "range", "validate"];
+
+    /// A metric label: "generate", "range" or "validate".
     pub fn kind(&self) -> &'static str {
         match self {
             Job::Generate(_) => "generate",
             Job::Range(_) => "range",
+            Job::Validate(_) => "validate",
         }
+    }
+
+    /// Whether the job's reports carry every nonce's distance (validation), not only the
+    /// proofs'.
+    pub fn wants_all_distances(&self) -> bool {
+        matches!(self, Job::Validate(_))
     }
 }
 
@@ -105,6 +147,15 @@ pub enum StopReason {
 }
 
 impl StopReason {
+    /// Every reason, for metric labels created at start-up.
+    pub const ALL: [StopReason; 5] = [
+        StopReason::Preempted,
+        StopReason::ClientGone,
+        StopReason::Shutdown,
+        StopReason::Requested,
+        StopReason::Failed,
+    ];
+
     fn code(self) -> u8 {
         match self {
             StopReason::Preempted => 1,
@@ -156,6 +207,21 @@ pub enum JobEnd {
     Stopped(StopReason),
 }
 
+impl JobEnd {
+    /// A metric label: "completed" or the [`StopReason::label`].
+    pub fn label(self) -> &'static str {
+        match self {
+            JobEnd::Completed => "completed",
+            JobEnd::Stopped(r) => r.label(),
+        }
+    }
+
+    /// Every label [`JobEnd::label`] gives.
+    pub fn labels() -> impl Iterator<Item = &'static str> {
+        std::iter::once("completed").chain(StopReason::ALL.iter().map(|r| r.label()))
+    }
+}
+
 /// A failure inside a running job, in words and as a short type name.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobError {
@@ -166,11 +232,17 @@ pub struct JobError {
 }
 
 impl JobError {
+    /// Every `error_type` a device failure is reported with ([`JobError::from_backend`]).
+    pub const DEVICE_ERROR_TYPES: [&'static str; 3] =
+        ["Unsupported", "OutOfMemory", "DeviceFailure"];
+
     pub(crate) fn from_backend(e: &BackendError) -> Self {
         let (error_type, fatal) = match e {
             BackendError::Unsupported(_) => ("Unsupported", false),
             BackendError::OutOfMemory(_) => ("OutOfMemory", false),
             BackendError::Device(_) => ("DeviceFailure", true),
+            // Workers treat a stopped batch as the stop it is and never report it.
+            BackendError::Stopped => ("Stopped", false),
         };
         JobError {
             message: e.to_string(),
@@ -193,6 +265,9 @@ pub struct BatchReport {
     /// Those below r_target, and their distances.
     pub valid_nonces: Vec<u64>,
     pub valid_dist: Vec<f64>,
+    /// Every nonce's distance, lined up with `nonces`, for jobs that want them
+    /// ([`Job::wants_all_distances`]); None otherwise.
+    pub dist: Option<Vec<f64>>,
     /// Per worker, counted since the job started (range jobs: since the last restart).
     pub batch_number: u64,
     pub total_computed: u64,
@@ -240,6 +315,9 @@ pub enum JobEvent {
 pub struct JobControl {
     /// The [`StopReason`] code, 0 while the job runs; watched by async readers.
     stop: watch::Sender<u8>,
+    /// Set with the first stop, for backends to give up the batch they compute
+    /// ([`JobControl::stop_token`]).
+    stopped_flag: Arc<AtomicBool>,
     paused: AtomicBool,
     assignment: Mutex<AssignmentSlot>,
     signal: Arc<Signal>,
@@ -257,14 +335,17 @@ impl JobControl {
     pub(crate) fn new(signal: Arc<Signal>) -> Self {
         JobControl {
             stop: watch::Sender::new(0),
+            stopped_flag: Arc::new(AtomicBool::new(false)),
             paused: AtomicBool::new(false),
             assignment: Mutex::new(AssignmentSlot::default()),
             signal,
         }
     }
 
-    /// Ask the job to stop after the batches in flight (the first reason given wins).
+    /// Ask the job to stop (the first reason given wins). Batches in flight are given up
+    /// where their backend can (the CPU between layers; see [`JobControl::stop_token`]).
     pub fn stop(&self, reason: StopReason) {
+        self.stopped_flag.store(true, Ordering::SeqCst);
         self.stop.send_if_modified(|code| {
             let first = *code == 0;
             if first {
@@ -277,6 +358,11 @@ impl JobControl {
 
     pub fn stopped(&self) -> Option<StopReason> {
         StopReason::from_code(*self.stop.borrow())
+    }
+
+    /// What a backend asks, while it computes a batch of this job, whether to give it up.
+    pub fn stop_token(&self) -> StopToken {
+        StopToken::new(self.stopped_flag.clone())
     }
 
     /// Resolves once the job has been told to stop.

@@ -39,6 +39,9 @@ pub struct EngineOptions {
     /// Every job's matrix products in FP8 (`--dtype fp8`: `dtype` is then the activations'
     /// f16), as if its params said `use_fp8: true`.
     pub fp8: bool,
+    /// The longest a batch should take on a device: once a batch has been measured, batch
+    /// sizes are cut so that the next ones take about this long at most.
+    pub max_batch_duration: Duration,
 }
 
 impl Default for EngineOptions {
@@ -48,6 +51,7 @@ impl Default for EngineOptions {
             model_cache: 1,
             max_batch_bytes: 2 << 30,
             fp8: false,
+            max_batch_duration: Duration::from_secs(2),
         }
     }
 }
@@ -283,13 +287,7 @@ fn run_job(
         let mut state = StateGuard::new(&inner.metrics);
         run_job_holding_devices(&inner, &job, &control, &tx, &mut state, started)
     };
-    inner.metrics.job_finished(
-        kind,
-        match end {
-            JobEnd::Completed => "completed",
-            JobEnd::Stopped(r) => r.label(),
-        },
-    );
+    inner.metrics.job_finished(kind, end.label());
     {
         let mut st = lock(&inner.state);
         if st.current.as_ref().is_some_and(|r| r.id == id) {
@@ -452,6 +450,18 @@ fn run_job_holding_devices(
             g.r_target,
         ),
         Job::Range(_) => JobSpec::new(&spec.block_hash, "", &spec.params, dtype, f64::INFINITY),
+        Job::Validate(v) => JobSpec::new(
+            &spec.block_hash,
+            &v.public_key,
+            &spec.params,
+            dtype,
+            v.r_target,
+        ),
+    };
+    // A stop gives up the batches in flight where the device can (the CPU between layers).
+    let base = JobSpec {
+        stop: control.stop_token(),
+        ..base
     };
     state.set(JobState::Computing);
     let first_batch = AtomicBool::new(false);
@@ -471,11 +481,13 @@ fn run_job_holding_devices(
                     control,
                     tx,
                     batch_size,
+                    all_distances: job.wants_all_distances(),
                     started: compute_start,
                     metrics: &inner.metrics,
                     device_failed: &inner.device_failed,
                     submitted,
                     first_batch: &first_batch,
+                    max_batch_duration: inner.opts.max_batch_duration,
                 };
                 let base = base.clone();
                 thread::Builder::new()
@@ -499,6 +511,11 @@ fn run_job_holding_devices(
             .collect()
     });
     let sum = totals.iter().fold(Totals::default(), |a, t| a.plus(t));
+    // The job is over: an idle server keeps its cached models, not the batches' buffers.
+    for d in &inner.devices {
+        d.release_working_memory();
+    }
+    super::heap::give_back_free_memory();
     match control.stopped() {
         Some(r) => (JobEnd::Stopped(r), sum),
         None => (JobEnd::Completed, sum),

@@ -15,6 +15,13 @@
 //! next size is already on its way, and its measurement still counts (the sizer settles at
 //! whichever measured size was best).
 //!
+//! On every device a batch's duration is bounded too ([`BatchSizer::with_max_duration`]):
+//! each measured batch gives a throughput, and the next batches hold at most the nonces that
+//! throughput computes in the bound (never fewer than one). A stop, a time limit or a newer
+//! request then never waits long for the batch in flight, wherever the device can be asked to
+//! stop only between batches; and the CPU, which can be stopped between layers, keeps its
+//! layers short.
+//!
 //! [`Backend::max_batch`]: crate::backend::Backend::max_batch
 //! [`Backend::overlaps_preparation`]: crate::backend::Backend::overlaps_preparation
 
@@ -29,6 +36,11 @@ pub const MIN_GAIN: f64 = 0.03;
 #[derive(Debug, Clone)]
 pub struct BatchSizer {
     cap: usize,
+    /// The longest a batch should take, if bounded.
+    max_duration: Option<Duration>,
+    /// The most nonces the last measured throughput computes within `max_duration` (the cap
+    /// until a batch is measured).
+    time_cap: usize,
     phase: Phase,
     /// Throughput (nonces/s) of each size measured while ramping, in the order measured.
     measured: Vec<(usize, f64)>,
@@ -59,14 +71,27 @@ impl BatchSizer {
         };
         BatchSizer {
             cap,
+            max_duration: None,
+            time_cap: cap,
             phase,
             measured: Vec::new(),
         }
     }
 
+    /// Keep batches within `max` once one has been measured.
+    pub fn with_max_duration(mut self, max: Duration) -> Self {
+        self.max_duration = Some(max);
+        self
+    }
+
     /// The largest size this sizer will ever give.
     pub fn cap(&self) -> usize {
         self.cap
+    }
+
+    /// The largest size the duration bound allows now (the cap until a batch is measured).
+    pub fn time_cap(&self) -> usize {
+        self.time_cap
     }
 
     /// Whether the size is still being searched for.
@@ -76,7 +101,7 @@ impl BatchSizer {
 
     /// The size of the next batch (between 1 and the cap).
     pub fn next_size(&mut self) -> usize {
-        match self.phase {
+        let size = match self.phase {
             Phase::Fixed => self.cap,
             Phase::Settled(s) => s,
             Phase::Ramping { next } => {
@@ -85,13 +110,15 @@ impl BatchSizer {
                 };
                 next
             }
-        }
+        };
+        size.min(self.time_cap)
     }
 
     /// Record that a batch of `size` (as [`BatchSizer::next_size`] gave it) computed `nonces`
-    /// nonces in `device_time`. A batch cut short (the end of a range) says nothing about its
-    /// size's throughput and is ignored.
+    /// nonces in `device_time`. Its throughput bounds the next sizes by duration; a batch cut
+    /// short (the end of a range) says nothing more about its size and is otherwise ignored.
     pub fn record(&mut self, size: usize, nonces: usize, device_time: Duration) {
+        self.bound_duration(nonces, device_time);
         if matches!(self.phase, Phase::Fixed) || nonces < size || size == 0 {
             return;
         }
@@ -107,8 +134,14 @@ impl BatchSizer {
                 }
             }
             Phase::Ramping { .. } => {
+                // The duration bound caps the ramp as the memory cap does.
+                let limit = self.cap.min(self.time_cap);
                 if self.measured.iter().any(|&(m, _)| m == size) {
-                    // The cap again while its first measurement was on its way.
+                    // The cap again while its first measurement was on its way; at the
+                    // duration bound for good, the ramp is over.
+                    if size >= limit {
+                        self.phase = Phase::Settled(self.best());
+                    }
                     return;
                 }
                 let previous = self
@@ -119,11 +152,28 @@ impl BatchSizer {
                     .map(|&(_, r)| r);
                 self.measured.push((size, rate));
                 let improved = previous.is_none_or(|p| rate > p * (1.0 + MIN_GAIN));
-                if !improved || size >= self.cap {
+                if !improved || size >= limit {
                     self.phase = Phase::Settled(self.best());
                 }
             }
         }
+    }
+
+    /// Bound the next sizes by what `nonces` in `device_time` says fits in the duration bound.
+    /// The extrapolation is linear in the nonces, so it errs on the short side whenever a batch
+    /// has a fixed cost (a ramp then creeps up to the bound from below).
+    fn bound_duration(&mut self, nonces: usize, device_time: Duration) {
+        let Some(max) = self.max_duration else { return };
+        if nonces == 0 {
+            return;
+        }
+        let per_nonce = device_time.as_secs_f64() / nonces as f64;
+        let fits = if per_nonce > 0.0 {
+            (max.as_secs_f64() / per_nonce).floor().min(self.cap as f64) as usize
+        } else {
+            self.cap
+        };
+        self.time_cap = fits.clamp(1, self.cap);
     }
 
     /// The measured size with the highest throughput (the smaller one on a tie).
@@ -142,6 +192,45 @@ impl BatchSizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_are_cut_to_the_duration_bound_once_measured() {
+        // A CPU-like device: 0.5 s per nonce, asked for 32 per batch.
+        let per = |n: usize| Duration::from_millis(500 * n as u64);
+        let mut s = BatchSizer::new(32, None, false).with_max_duration(Duration::from_secs(2));
+        assert_eq!(s.next_size(), 32, "nothing measured yet");
+        s.record(32, 32, per(32));
+        assert_eq!(s.time_cap(), 4);
+        assert_eq!(run_lockstep(&mut s, per, 3), [4, 4, 4]);
+        // Slower than the bound per nonce: one at a time, never none.
+        s.record(4, 4, Duration::from_secs(40));
+        assert_eq!(s.next_size(), 1);
+        // Faster again: back up, never past the cap.
+        s.record(1, 1, Duration::from_millis(1));
+        assert_eq!(s.next_size(), 32);
+        // Unbounded sizers ignore durations.
+        let mut u = BatchSizer::new(32, None, false);
+        u.record(32, 32, Duration::from_secs(3600));
+        assert_eq!(u.next_size(), 32);
+    }
+
+    #[test]
+    fn a_ramp_stops_at_the_duration_bound() {
+        // 0.5 s to start plus 5 ms per nonce: throughput still gains 16% from 256 to 512,
+        // but 2 s holds about 300 nonces.
+        let slow = |n: usize| Duration::from_millis(500 + 5 * n as u64);
+        let mut s = BatchSizer::new(4096, None, true).with_max_duration(Duration::from_secs(2));
+        let sizes = run_pipelined(&mut s, slow, 12);
+        assert!(!s.is_ramping(), "{sizes:?}");
+        assert!(sizes.iter().all(|&n| n <= 512), "{sizes:?}");
+        let settled = &sizes[sizes.len() - 4..];
+        assert!(
+            settled
+                .iter()
+                .all(|&n| (256..=300).contains(&n) && slow(n) <= Duration::from_secs(2)),
+            "{sizes:?}"
+        );
+    }
 
     /// Device time of a batch of `n` nonces: a fixed launch cost plus a per-nonce cost that
     /// falls as the device fills up (throughput saturates at `peak` nonces/s).

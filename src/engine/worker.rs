@@ -4,14 +4,19 @@
 //! with its range). Both compute through one [`Pipeline`], which on devices that overlap
 //! preparation draws the next batch's inputs on the host while the device computes the
 //! current one, and both send a [`BatchReport`] per batch.
+//!
+//! A stop reaches a batch in flight through its [`JobSpec::stop`]: the device may give the
+//! batch up midway ([`BackendError::Stopped`]). Such a batch is dropped whole and none of its
+//! nonces is reported; a range worker puts them back in front of its schedule, so that a
+//! range that goes on computes them after all.
 
 use super::job::{
     send_event, send_event_unless_stopped, Assignment, BatchReport, GenerateJob, Job, JobControl,
-    JobError, JobEvent, StopReason,
+    JobError, JobEvent, StopReason, ValidateJob,
 };
 use super::sizer::BatchSizer;
 use crate::backend::batch;
-use crate::backend::{Backend, BatchResult, JobSpec, Model, PreparedBatch};
+use crate::backend::{Backend, BackendError, BatchResult, JobSpec, Model, PreparedBatch};
 use crate::pow::nonces::{GenerateSchedule, RangeSchedule};
 use crate::pow::params::Params;
 use crate::telemetry::Metrics;
@@ -56,6 +61,9 @@ pub(super) struct WorkerCtx<'a> {
     pub tx: &'a mpsc::Sender<JobEvent>,
     /// The request's batch size, cut to the engine's memory bound.
     pub batch_size: usize,
+    /// Whether the device hands back every nonce's distance (validation) rather than only
+    /// the proofs'.
+    pub all_distances: bool,
     pub started: Instant,
     pub metrics: &'a Metrics,
     /// Set when a device fails for good (/health's `cuda_broken`).
@@ -63,6 +71,8 @@ pub(super) struct WorkerCtx<'a> {
     /// When the job was submitted, and whether any worker has finished a batch yet.
     pub submitted: Instant,
     pub first_batch: &'a AtomicBool,
+    /// The longest a batch should take ([`BatchSizer`] cuts sizes to it once measured).
+    pub max_batch_duration: Duration,
 }
 
 /// Run the worker of `job` on `ctx`'s device; what it computed.
@@ -70,6 +80,7 @@ pub(super) fn run(ctx: &WorkerCtx<'_>, base: JobSpec, job: &Job) -> Totals {
     match job {
         Job::Generate(g) => generate_worker(ctx, base, g),
         Job::Range(_) => range_worker(ctx, base),
+        Job::Validate(v) => validate_worker(ctx, base, v),
     }
 }
 
@@ -91,7 +102,7 @@ trait NonceSource {
     fn more(&self) -> bool;
 }
 
-/// A /generate worker's schedule until the job's time limit.
+/// A /generate worker's schedule until the job's time limit (or its last nonce).
 struct UntilDeadline<'a> {
     sched: &'a mut GenerateSchedule,
     started: Instant,
@@ -103,16 +114,69 @@ impl NonceSource for UntilDeadline<'_> {
         self.sched.next_batch(n)
     }
     fn more(&self) -> bool {
-        self.started.elapsed() < self.max
+        !self.sched.is_done() && self.started.elapsed() < self.max
     }
 }
 
-impl NonceSource for RangeSchedule {
+/// A validation worker's share of a list of nonces (every n-th from its own position) until
+/// the job's time limit.
+struct ListShare<'a> {
+    nonces: &'a [u64],
+    next: usize,
+    stride: usize,
+    started: Instant,
+    max: Duration,
+}
+
+impl NonceSource for ListShare<'_> {
     fn take(&mut self, n: usize) -> Vec<u64> {
-        self.next_batch(n)
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n && self.next < self.nonces.len() {
+            out.push(self.nonces[self.next]);
+            self.next += self.stride;
+        }
+        out
     }
     fn more(&self) -> bool {
-        !self.is_done()
+        self.next < self.nonces.len() && self.started.elapsed() < self.max
+    }
+}
+
+/// A range worker's nonces: its schedule, behind the nonces of batches given up midway.
+struct RangeNonces {
+    sched: RangeSchedule,
+    /// Nonces of stopped batches, taken before the schedule's.
+    given_back: Vec<u64>,
+}
+
+impl RangeNonces {
+    fn new(sched: RangeSchedule) -> Self {
+        RangeNonces {
+            sched,
+            given_back: Vec::new(),
+        }
+    }
+
+    /// Put back the nonces of a batch that was given up: none of them was reported.
+    fn give_back(&mut self, mut nonces: Vec<u64>) {
+        nonces.append(&mut self.given_back);
+        self.given_back = nonces;
+    }
+}
+
+impl NonceSource for RangeNonces {
+    fn take(&mut self, n: usize) -> Vec<u64> {
+        let mut out: Vec<u64> = self
+            .given_back
+            .drain(..n.min(self.given_back.len()))
+            .collect();
+        if out.len() < n {
+            out.extend(self.sched.next_batch(n - out.len()));
+        }
+        out
+    }
+    fn more(&self) -> bool {
+        !self.given_back.is_empty() || !self.sched.is_done()
     }
 }
 
@@ -157,14 +221,22 @@ impl Ahead {
     }
 }
 
+/// Why a batch came back without a result.
+enum Halt {
+    /// The device failed (already reported).
+    Failed,
+    /// The device gave the batch up because the job is stopping: its nonces, none reported.
+    Stopped(Vec<u64>),
+}
+
 /// What one step of the pipeline did.
 enum Step {
     /// A batch computed, and the time it is reported with.
     Computed(BatchResult, Duration),
     /// The source had no nonces.
     Idle,
-    /// The device failed (already reported).
-    Failed,
+    /// No result: see [`Halt`].
+    Halted(Halt),
 }
 
 /// A worker's batches through its device: sized by a [`BatchSizer`], and, on devices that
@@ -203,8 +275,8 @@ impl<'c, 'a> Pipeline<'c, 'a> {
                 return Step::Idle;
             }
             return match self.ctx.compute(spec, nonces, size, &mut self.sizer) {
-                Some((r, took)) => Step::Computed(r, took),
-                None => Step::Failed,
+                Ok((r, took)) => Step::Computed(r, took),
+                Err(h) => Step::Halted(h),
             };
         }
         let cur = match self.ahead.take() {
@@ -229,8 +301,8 @@ impl<'c, 'a> Pipeline<'c, 'a> {
             .compute_overlapped(spec, cur, next, &mut self.sizer);
         self.ahead = next.map(|b| Ahead::drawn(b, size, spec, at));
         match done {
-            Some((r, device_time)) => Step::Computed(r, device_time),
-            None => Step::Failed,
+            Ok((r, device_time)) => Step::Computed(r, device_time),
+            Err(h) => Step::Halted(h),
         }
     }
 }
@@ -243,7 +315,8 @@ impl WorkerCtx<'_> {
             self.batch_size,
             device_max,
             self.device.overlaps_preparation(),
-        );
+        )
+        .with_max_duration(self.max_batch_duration);
         if s.cap() < self.batch_size {
             tracing::info!(
                 worker = self.worker_id,
@@ -276,6 +349,7 @@ impl WorkerCtx<'_> {
             nonces: r.nonces,
             valid_nonces: r.valid_nonces,
             valid_dist: r.valid_dist,
+            dist: r.dist,
             batch_number: t.batches,
             total_computed: t.computed,
             total_valid: t.valid,
@@ -284,12 +358,29 @@ impl WorkerCtx<'_> {
         }
     }
 
-    /// Run a prepared batch on the device (the proofs' distances only): the result and the
-    /// device time; None (after reporting) when the device failed.
-    fn run_on_device(&self, spec: &JobSpec, b: PreparedBatch) -> Option<(BatchResult, Duration)> {
+    /// Run a prepared batch on the device (the proofs' distances, or every one for jobs that
+    /// want them): the result and the device time; a halt when the device failed (reported
+    /// here) or gave the batch up for a stop (not a failure: nothing is reported).
+    fn run_on_device(
+        &self,
+        spec: &JobSpec,
+        b: PreparedBatch,
+    ) -> Result<(BatchResult, Duration), Halt> {
         let t0 = Instant::now();
-        match self.device.run_batch(&self.model, spec, b, false) {
-            Ok(r) => Some((r, t0.elapsed())),
+        let nonces = b.nonces.clone();
+        match self
+            .device
+            .run_batch(&self.model, spec, b, self.all_distances)
+        {
+            Ok(r) => Ok((r, t0.elapsed())),
+            Err(BackendError::Stopped) => {
+                tracing::debug!(
+                    worker = self.worker_id,
+                    "a batch of {} nonces was given up midway for a stop",
+                    nonces.len()
+                );
+                Err(Halt::Stopped(nonces))
+            }
             Err(e) => {
                 let err = JobError::from_backend(&e);
                 self.metrics.device_error(err.error_type);
@@ -304,7 +395,7 @@ impl WorkerCtx<'_> {
                 );
                 self.control.stop(StopReason::Failed);
                 send_event(self.tx, JobEvent::Error(err));
-                None
+                Err(Halt::Failed)
             }
         }
     }
@@ -319,34 +410,33 @@ impl WorkerCtx<'_> {
     }
 
     /// Prepare and compute one batch of `size` (devices that do not overlap preparation): the
-    /// result and how long it took (inputs, forward pass and distances); None (after
-    /// reporting) when the device failed.
+    /// result and how long it took (inputs, forward pass and distances), or why there is none.
     fn compute(
         &self,
         spec: &JobSpec,
         nonces: Vec<u64>,
         size: usize,
         sizer: &mut BatchSizer,
-    ) -> Option<(BatchResult, Duration)> {
+    ) -> Result<(BatchResult, Duration), Halt> {
         let t0 = Instant::now();
         let prepared = batch::prepare(spec, nonces);
         let (r, device_time) = self.run_on_device(spec, prepared)?;
         let took = t0.elapsed();
         sizer.record(size, r.nonces.len(), device_time);
         self.count(&r, took);
-        Some((r, took))
+        Ok((r, took))
     }
 
     /// Compute `cur` on the device (from this thread, the one that always drives it) while a
     /// helper thread prepares `next` (when not empty) on the host's threads: the result and
-    /// the device time (None, after reporting, when the device failed), and the next batch.
+    /// the device time (or why there is none), and the next batch.
     fn compute_overlapped(
         &self,
         spec: &JobSpec,
         cur: Ahead,
         next: Vec<u64>,
         sizer: &mut BatchSizer,
-    ) -> (Option<(BatchResult, Duration)>, Option<PreparedBatch>) {
+    ) -> (Result<(BatchResult, Duration), Halt>, Option<PreparedBatch>) {
         let (done, next) = thread::scope(|s| {
             let helper = if next.is_empty() {
                 None
@@ -384,26 +474,44 @@ impl WorkerCtx<'_> {
 }
 
 fn generate_worker(ctx: &WorkerCtx<'_>, spec: JobSpec, job: &GenerateJob) -> Totals {
-    let mut sched =
-        GenerateSchedule::new(job.start_nonce, ctx.worker_id as u64, ctx.n_workers as u64);
+    // The time limit gives up the batch in flight too (the job then ends as completed).
+    let spec = spec.until(ctx.started + job.max_duration);
+    let mut sched = GenerateSchedule::first(
+        job.start_nonce,
+        job.max_nonces,
+        ctx.worker_id as u64,
+        ctx.n_workers as u64,
+    );
     let mut src = UntilDeadline {
         sched: &mut sched,
         started: ctx.started,
         max: job.max_duration,
     };
+    walk(ctx, &spec, &mut src, job.block_height, job.max_duration)
+}
+
+/// Compute the nonces of `src` until it has no more (the batch drawn ahead included), the
+/// job's time `max` is up or it is stopped, reporting each batch. A stopped job has no one to
+/// hand its last batch to (a /generate client gone or preempted, a validation without a
+/// verdict): on a full queue the batch is given up.
+fn walk(
+    ctx: &WorkerCtx<'_>,
+    spec: &JobSpec,
+    src: &mut dyn NonceSource,
+    block_height: u64,
+    max: Duration,
+) -> Totals {
     let mut pipe = Pipeline::new(ctx, &spec.params);
     let mut t = Totals::default();
-    loop {
-        if ctx.control.stopped().is_some() || !src.more() {
-            break;
-        }
-        let (r, compute_time) = match pipe.step(&spec, Epochs::default(), &mut src) {
+    while ctx.control.stopped().is_none() && ctx.started.elapsed() < max {
+        let (r, compute_time) = match pipe.step(spec, Epochs::default(), src) {
             Step::Computed(r, took) => (r, took),
-            Step::Idle | Step::Failed => break,
+            // A stopped /generate batch is dropped: the job is over (stopped or out of
+            // time), and the stream's next_nonce says where it got.
+            Step::Idle | Step::Halted(_) => break,
         };
         t.add(&r);
-        let report = ctx.report(&spec, job.block_height, r, &t, compute_time);
-        // A stopped /generate has no one to hand its last batch to: give up on a full queue.
+        let report = ctx.report(spec, block_height, r, &t, compute_time);
         if !send_event_unless_stopped(ctx.tx, JobEvent::Batch(report), ctx.control) {
             break;
         }
@@ -416,7 +524,7 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
     let signal = ctx.control.signal();
     let mut at = Epochs::default();
     let mut current: Option<(JobSpec, Arc<Assignment>)> = None;
-    let mut sched: Option<RangeSchedule> = None;
+    let mut sched: Option<RangeNonces> = None;
     let mut t = Totals::default(); // since the last restart, as reported
     let mut all = Totals::default(); // over the whole job, for the log
     loop {
@@ -433,12 +541,12 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
             spec.r_target = a.r_target;
             if restart != at.restart || sched.is_none() {
                 at.restart = restart;
-                sched = Some(RangeSchedule::new(
+                sched = Some(RangeNonces::new(RangeSchedule::new(
                     a.range_start,
                     a.range_end,
                     ctx.worker_id as u64,
                     ctx.n_workers as u64,
-                ));
+                )));
                 t = Totals::default();
             }
             current = Some((spec, a));
@@ -457,7 +565,12 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
         }
         let (r, compute_time) = match pipe.step(spec, at, s) {
             Step::Computed(r, took) => (r, took),
-            Step::Failed => break,
+            Step::Halted(Halt::Failed) => break,
+            Step::Halted(Halt::Stopped(nonces)) => {
+                // Not one of them was reported: should the range go on, they come first.
+                s.give_back(nonces);
+                continue;
+            }
             Step::Idle => {
                 // The range is done: wait for a new one, or for the end.
                 signal.wait_past(seen, None);
@@ -473,4 +586,18 @@ fn range_worker(ctx: &WorkerCtx<'_>, base: JobSpec) -> Totals {
         }
     }
     all
+}
+
+fn validate_worker(ctx: &WorkerCtx<'_>, spec: JobSpec, job: &ValidateJob) -> Totals {
+    // As for /generate: the time limit gives up the batch in flight (no verdict comes of a
+    // validation cut short anyway).
+    let spec = spec.until(ctx.started + job.max_duration);
+    let mut src = ListShare {
+        nonces: &job.nonces,
+        next: ctx.worker_id,
+        stride: ctx.n_workers,
+        started: ctx.started,
+        max: job.max_duration,
+    };
+    walk(ctx, &spec, &mut src, job.block_height, job.max_duration)
 }

@@ -1,5 +1,6 @@
 //! The protocol, pure: everything here is deterministic arithmetic with no I/O and no GPU.
 
+pub mod binomial;
 pub mod dtype;
 pub mod facts;
 pub mod nonces;
@@ -8,5 +9,6 @@ pub mod proof;
 pub mod request;
 pub mod rng;
 pub mod seeds;
+pub mod validation;
 pub mod weights;
 mod ziggurat_tables;

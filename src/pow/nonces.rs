@@ -16,9 +16,26 @@ impl GenerateSchedule {
         GenerateSchedule(RangeSchedule::new(start_nonce, u64::MAX, worker, n_workers))
     }
 
+    /// [`GenerateSchedule::new`] over the first `count` nonces only (`start_nonce` ..=
+    /// `start_nonce + count - 1`, shared among the workers as usual); endless with None.
+    pub fn first(start_nonce: u64, count: Option<u64>, worker: u64, n_workers: u64) -> Self {
+        let end = match count {
+            None => u64::MAX,
+            // No nonce at all: an end below the start leaves every worker empty-handed.
+            Some(0) => return GenerateSchedule(RangeSchedule::empty()),
+            Some(n) => start_nonce.saturating_add(n - 1),
+        };
+        GenerateSchedule(RangeSchedule::new(start_nonce, end, worker, n_workers))
+    }
+
     /// The next batch of up to `batch_size` nonces (empty when the u64 range is exhausted).
     pub fn next_batch(&mut self, batch_size: usize) -> Vec<u64> {
         self.0.next_batch(batch_size)
+    }
+
+    /// Whether every nonce of this worker has been handed out.
+    pub fn is_done(&self) -> bool {
+        self.0.is_done()
     }
 
     /// `next_nonce` as the reference reports it after a batch: `max(nonces) + W`
@@ -48,6 +65,15 @@ impl RangeSchedule {
             next: first,
             end: range_end,
             stride: n_workers,
+        }
+    }
+
+    /// A schedule with no nonce.
+    fn empty() -> Self {
+        RangeSchedule {
+            next: None,
+            end: 0,
+            stride: 1,
         }
     }
 
@@ -89,6 +115,19 @@ mod tests {
         let mut s = GenerateSchedule::new(u64::MAX - 4, 1, 2);
         assert_eq!(s.next_batch(10), vec![u64::MAX - 3, u64::MAX - 1]);
         assert!(s.next_batch(10).is_empty());
+    }
+
+    #[test]
+    fn generate_can_stop_after_a_count() {
+        let mut w0 = GenerateSchedule::first(100, Some(5), 0, 2);
+        let mut w1 = GenerateSchedule::first(100, Some(5), 1, 2);
+        assert_eq!(w0.next_batch(10), vec![100, 102, 104]);
+        assert_eq!(w1.next_batch(10), vec![101, 103]);
+        assert!(w0.is_done() && w1.is_done());
+        assert!(GenerateSchedule::first(7, Some(0), 0, 1).is_done());
+        let mut end = GenerateSchedule::first(u64::MAX - 1, Some(10), 0, 1);
+        assert_eq!(end.next_batch(10), vec![u64::MAX - 1, u64::MAX]);
+        assert!(!GenerateSchedule::first(0, None, 0, 1).is_done());
     }
 
     #[test]

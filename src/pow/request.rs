@@ -28,7 +28,7 @@ impl From<super::params::ParamsError> for RequestError {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -41,7 +41,7 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn wrong(field: &str, expected: &str, v: &Value) -> RequestError {
+pub(crate) fn wrong(field: &str, expected: &str, v: &Value) -> RequestError {
     let shown = v.to_string();
     let shown = if shown.chars().count() > 40 {
         format!("{}...", shown.chars().take(40).collect::<String>())
@@ -97,7 +97,7 @@ impl<'a> Fields<'a> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
 
-    fn required(&self, key: &str) -> Result<&'a Value, RequestError> {
+    pub(crate) fn required(&self, key: &str) -> Result<&'a Value, RequestError> {
         self.get(key)
             .ok_or_else(|| RequestError(format!("{}: missing required field", self.name(key))))
     }
@@ -212,25 +212,39 @@ const PARAM_KEYS: [&str; 12] = [
     "use_fp8",
 ];
 
+/// An integer of `params` no larger than `max`, refused here when larger with the number as
+/// it was sent (held in an i64 first, 2^64 - 1 would be shown as 2^63 - 1).
+fn int_param(f: &Fields<'_>, key: &str, max: i64) -> Result<Option<i64>, RequestError> {
+    let n = f.i64_opt(key)?;
+    match (n, f.get(key)) {
+        (Some(n), Some(sent)) if n > max => Err(RequestError(format!(
+            "{}: must be at most {max} (got {sent})",
+            f.name(key)
+        ))),
+        _ => Ok(n),
+    }
+}
+
 /// The `params` object: defaults for absent keys, unknown keys rejected, every rule checked.
 pub fn parse_params(v: &Value) -> Result<Params, RequestError> {
+    use super::params::limits::*;
     let f = Fields::new(v, "params", "params.")?;
     f.deny_unknown(&PARAM_KEYS)?;
     let d = Params::default();
     let p = Params {
-        dim: f.i64_opt("dim")?.unwrap_or(d.dim),
-        n_layers: f.i64_opt("n_layers")?.unwrap_or(d.n_layers),
-        n_heads: f.i64_opt("n_heads")?.unwrap_or(d.n_heads),
-        n_kv_heads: f.i64_opt("n_kv_heads")?.unwrap_or(d.n_kv_heads),
-        vocab_size: f.i64_opt("vocab_size")?.unwrap_or(d.vocab_size),
+        dim: int_param(&f, "dim", MAX_DIM)?.unwrap_or(d.dim),
+        n_layers: int_param(&f, "n_layers", MAX_LAYERS)?.unwrap_or(d.n_layers),
+        n_heads: int_param(&f, "n_heads", MAX_HEADS)?.unwrap_or(d.n_heads),
+        n_kv_heads: int_param(&f, "n_kv_heads", MAX_HEADS)?.unwrap_or(d.n_kv_heads),
+        vocab_size: int_param(&f, "vocab_size", MAX_VOCAB)?.unwrap_or(d.vocab_size),
         ffn_dim_multiplier: f
             .f64_opt("ffn_dim_multiplier")?
             .unwrap_or(d.ffn_dim_multiplier),
-        multiple_of: f.i64_opt("multiple_of")?.unwrap_or(d.multiple_of),
+        multiple_of: int_param(&f, "multiple_of", MAX_MULTIPLE_OF)?.unwrap_or(d.multiple_of),
         norm_eps: f.f64_opt("norm_eps")?.unwrap_or(d.norm_eps),
         rope_theta: f.f64_opt("rope_theta")?.unwrap_or(d.rope_theta),
         use_scaled_rope: f.bool_opt("use_scaled_rope")?.unwrap_or(d.use_scaled_rope),
-        seq_len: f.i64_opt("seq_len")?.unwrap_or(d.seq_len),
+        seq_len: int_param(&f, "seq_len", MAX_SEQ_LEN)?.unwrap_or(d.seq_len),
         use_fp8: f.bool_opt("use_fp8")?.unwrap_or(d.use_fp8),
     };
     p.validate()?;
@@ -337,6 +351,33 @@ impl ComputeRequest {
     }
 }
 
+/// The request inside its envelope, if any: bodies may come bare, as the PyWorker's
+/// `{"auth_data": ..., "payload": {...}}` or Runpod-style as `{"input": {...}}`.
+pub fn unwrap_envelope(v: Value) -> Result<Value, String> {
+    let Value::Object(mut obj) = v else {
+        return Ok(v);
+    };
+    for key in ["payload", "input"] {
+        if let Some(inner) = obj.remove(key) {
+            return match inner {
+                Value::Object(_) => Ok(inner),
+                other => Err(format!(
+                    "{key}: expected a JSON object (the request), got {}",
+                    match other {
+                        Value::Null => "null",
+                        Value::Bool(_) => "a boolean",
+                        Value::Number(_) => "a number",
+                        Value::String(_) => "a string",
+                        Value::Array(_) => "an array",
+                        Value::Object(_) => unreachable!(),
+                    }
+                )),
+            };
+        }
+    }
+    Ok(Value::Object(obj))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,7 +457,10 @@ mod tests {
             (with_param("dim", json!(64.5)), "params.dim: expected an integer, got a fractional number"),
             (with_param("dim", json!(0)), "params.dim: must be a positive integer (got 0)"),
             (with_param("dim", json!(-64)), "params.dim: must be a positive integer (got -64)"),
-            (with_param("dim", json!(u64::MAX)), "params.dim: must be at most 65536"),
+            (with_param("dim", json!(u64::MAX)), "params.dim: must be at most 65536 (got 18446744073709551615)"),
+            (with_param("seq_len", json!(1u64 << 63)), "params.seq_len: must be at most 32768 (got 9223372036854775808)"),
+            (with_param("n_layers", json!(i64::MAX)), "params.n_layers: must be at most 1024 (got 9223372036854775807)"),
+            (with_param("vocab_size", json!(1 << 21)), "params.vocab_size: must be at most 1048576 (got 2097152)"),
             (with_param("n_heads", json!(5)), "params.n_heads: must divide dim"),
             (with_param("n_kv_heads", json!(3)), "params.n_kv_heads: must divide n_heads"),
             (with_param("n_heads", json!(64)), "head_dim = dim / n_heads must be even"),
@@ -508,5 +552,20 @@ mod tests {
                 prop_assert!(p.ffn_hidden() >= 1);
             }
         }
+    }
+
+    #[test]
+    fn envelopes() {
+        let r = json!({"a": 1});
+        assert_eq!(unwrap_envelope(r.clone()).unwrap(), r);
+        assert_eq!(
+            unwrap_envelope(json!({"auth_data": {"x": 1}, "payload": r})).unwrap(),
+            r
+        );
+        assert_eq!(unwrap_envelope(json!({"input": r})).unwrap(), r);
+        assert!(unwrap_envelope(json!({"payload": "x"}))
+            .unwrap_err()
+            .contains("payload: expected"));
+        assert_eq!(unwrap_envelope(json!([1])).unwrap(), json!([1]));
     }
 }

@@ -7,12 +7,26 @@ use prometheus::{
     exponential_buckets, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use serde::Serialize;
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The window over which `llama_pow_nonces_per_second` is averaged.
 pub const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// Every `call` label of `llama_pow_orchestrator_errors_total`: the /pooled session's calls
+/// to the orchestrator.
+pub const ORCHESTRATOR_CALLS: [&str; 7] = [
+    "connect",
+    "config",
+    "ready",
+    "results",
+    "results_batch",
+    "heartbeat",
+    "shutdown",
+];
 
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +51,98 @@ impl JobState {
     }
 }
 
+/// What CUDA graphs did (see `backend::cuda::graphs`): launch sequences captured, graphs
+/// replayed, batches run directly because their size's capture failed, and graphs dropped
+/// because their scratch buffers were reallocated. Each GPU group keeps its own and adds to
+/// the process's ([`cuda_graph_counters`]), which /metrics and the bench report.
+#[derive(Debug, Default)]
+pub struct GraphCounters {
+    captures: AtomicU64,
+    replays: AtomicU64,
+    fallbacks: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// A reading of [`GraphCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct GraphCounts {
+    pub captures: u64,
+    pub replays: u64,
+    pub fallbacks: u64,
+    pub dropped: u64,
+}
+
+impl GraphCounts {
+    /// What happened between `earlier` and this reading.
+    pub fn since(self, earlier: GraphCounts) -> GraphCounts {
+        GraphCounts {
+            captures: self.captures.saturating_sub(earlier.captures),
+            replays: self.replays.saturating_sub(earlier.replays),
+            fallbacks: self.fallbacks.saturating_sub(earlier.fallbacks),
+            dropped: self.dropped.saturating_sub(earlier.dropped),
+        }
+    }
+}
+
+impl GraphCounters {
+    pub fn capture(&self) {
+        self.captures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn replay(&self) {
+        self.replays.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn fallback(&self) {
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn dropped(&self, graphs: usize) {
+        self.dropped.fetch_add(graphs as u64, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> GraphCounts {
+        GraphCounts {
+            captures: self.captures.load(Ordering::Relaxed),
+            replays: self.replays.load(Ordering::Relaxed),
+            fallbacks: self.fallbacks.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The process's CUDA graph counters.
+pub fn cuda_graph_counters() -> &'static GraphCounters {
+    static COUNTERS: OnceLock<GraphCounters> = OnceLock::new();
+    COUNTERS.get_or_init(GraphCounters::default)
+}
+
+/// The start-up self-test as /health and /metrics report it (see `backend::selftest`): every
+/// device's result, and whether the server serves (at least one device passed).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SelfTestStatus {
+    /// Every device that serves passed (devices that failed were dropped).
+    pub passed: bool,
+    /// Golden cases computed, over every device.
+    pub cases: usize,
+    /// The largest |distance - reference distance| over every device and case.
+    pub max_abs_diff: f64,
+    /// Wall time of the self-test (devices run side by side).
+    pub seconds: f64,
+    pub devices: Vec<DeviceSelfTest>,
+}
+
+/// One device's self-test.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceSelfTest {
+    pub device: String,
+    pub passed: bool,
+    pub cases: usize,
+    pub max_abs_diff: f64,
+    /// What failed (case, nonce, both distances), when it did.
+    pub failure: Option<String>,
+}
+
 /// Every metric the server exposes. Cheap to record into from any thread.
 pub struct Metrics {
     registry: Registry,
@@ -59,6 +165,10 @@ pub struct Metrics {
     pooled_sessions: IntGauge,
     pooled_results_delivered: IntCounter,
     orchestrator_errors: IntCounterVec,
+    validations: IntCounter,
+    nonces_validated: IntCounter,
+    validation_invalid: IntCounter,
+    frauds_detected: IntCounter,
     gpus: IntGauge,
     gpu_memory_used: GaugeVec,
     gpu_memory_total: GaugeVec,
@@ -68,6 +178,12 @@ pub struct Metrics {
     gpu_temperature: GaugeVec,
     gpu_sm_clock: GaugeVec,
     gpu_memory_clock: GaugeVec,
+    /// The process's [`cuda_graph_counters`], as of the last render.
+    cuda_graphs: IntCounterVec,
+    selftest_passed: IntGaugeVec,
+    selftest_cases: IntGaugeVec,
+    selftest_max_abs_diff: GaugeVec,
+    selftest: Mutex<Option<SelfTestStatus>>,
     /// (when, nonces) of the batches of the last [`RATE_WINDOW`].
     recent: Mutex<VecDeque<(Instant, u64)>>,
 }
@@ -133,7 +249,7 @@ impl Metrics {
             job_state.with_label_values(&[s]).set(0);
         }
         job_state.with_label_values(&["idle"]).set(1);
-        Metrics {
+        let metrics = Metrics {
             jobs_started: counter_vec(
                 r,
                 "llama_pow_jobs_started_total",
@@ -166,7 +282,8 @@ impl Metrics {
             nonces_per_second: gauge(
                 r,
                 "llama_pow_nonces_per_second",
-                "Nonces computed per second over the last 10 s",
+                "Nonces computed per second over the last 10 s, at scrape time (a convenience: \
+                 rate(llama_pow_nonces_computed_total[...]) is the canonical throughput)",
             ),
             batch_seconds: histogram(
                 r,
@@ -234,6 +351,26 @@ impl Metrics {
                 "Failed calls to the orchestrator, by call",
                 &["call"],
             ),
+            validations: counter(
+                r,
+                "llama_pow_validations_total",
+                "Proof batches validated to a verdict",
+            ),
+            nonces_validated: counter(
+                r,
+                "llama_pow_nonces_validated_total",
+                "Nonces recomputed by validations that reached a verdict",
+            ),
+            validation_invalid: counter(
+                r,
+                "llama_pow_validation_invalid_total",
+                "Validated nonces whose recomputed distance was above r_target",
+            ),
+            frauds_detected: counter(
+                r,
+                "llama_pow_frauds_detected_total",
+                "Validated batches judged a fraud (probability_honest below the threshold)",
+            ),
             gpus: reg(
                 r,
                 IntGauge::new("llama_pow_gpus", "GPUs NVML reports (0 without NVML)")
@@ -263,8 +400,74 @@ impl Metrics {
             ),
             gpu_sm_clock: gpu_gauge(r, "llama_pow_gpu_sm_clock_mhz", "GPU SM clock"),
             gpu_memory_clock: gpu_gauge(r, "llama_pow_gpu_memory_clock_mhz", "GPU memory clock"),
+            cuda_graphs: counter_vec(
+                r,
+                "llama_pow_cuda_graphs_total",
+                "CUDA graph events (--cuda-graphs): launch sequences captured, graphs replayed, \
+                 batches run directly because their capture failed (fallback), graphs dropped \
+                 when their scratch buffers were reallocated",
+                &["event"],
+            ),
+            selftest_passed: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "llama_pow_selftest_passed",
+                        "1 when the device's start-up self-test matched the reference, 0 when \
+                         it did not (the device is then not used)",
+                    ),
+                    &["device"],
+                )
+                .expect("valid gauge"),
+            ),
+            selftest_cases: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "llama_pow_selftest_cases",
+                        "Golden cases the device computed in the start-up self-test",
+                    ),
+                    &["device"],
+                )
+                .expect("valid gauge"),
+            ),
+            selftest_max_abs_diff: reg(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "llama_pow_selftest_max_abs_diff",
+                        "Largest |distance - reference distance| of the device's start-up \
+                         self-test",
+                    ),
+                    &["device"],
+                )
+                .expect("valid gauge"),
+            ),
+            selftest: Mutex::new(None),
             recent: Mutex::new(VecDeque::new()),
             registry,
+        };
+        metrics.create_known_series();
+        metrics
+    }
+
+    /// Every labelled counter at 0 for each label value the server can give it, so that a
+    /// dashboard or an alert sees every series from the first scrape instead of after its
+    /// first event (an absent series and a zero one look different to `rate()` and `absent()`).
+    /// The per-GPU gauges are set at every scrape for each GPU NVML reports.
+    fn create_known_series(&self) {
+        use crate::engine::{Job, JobEnd, JobError};
+        for kind in Job::KINDS {
+            self.jobs_started.with_label_values(&[kind]);
+            for end in JobEnd::labels() {
+                self.jobs_finished.with_label_values(&[kind, end]);
+            }
+        }
+        for error_type in JobError::DEVICE_ERROR_TYPES {
+            self.device_errors.with_label_values(&[error_type]);
+        }
+        for call in ORCHESTRATOR_CALLS {
+            self.orchestrator_errors.with_label_values(&[call]);
         }
     }
 
@@ -344,6 +547,7 @@ impl Metrics {
         }
     }
 
+    /// `error_type`: one of [`crate::engine::JobError::DEVICE_ERROR_TYPES`].
     pub fn device_error(&self, error_type: &str) {
         self.device_errors.with_label_values(&[error_type]).inc();
     }
@@ -364,16 +568,60 @@ impl Metrics {
     /// `call`: "connect", "config", "ready", "results", "results_batch", "heartbeat",
     /// "shutdown".
     pub fn orchestrator_error(&self, call: &str) {
+        debug_assert!(ORCHESTRATOR_CALLS.contains(&call), "unknown call {call}");
         self.orchestrator_errors.with_label_values(&[call]).inc();
+    }
+
+    /// A validation reached its verdict on `nonces` nonces, `invalid` of them invalid.
+    pub fn validated(&self, nonces: u64, invalid: u64, fraud: bool) {
+        self.validations.inc();
+        self.nonces_validated.inc_by(nonces);
+        self.validation_invalid.inc_by(invalid);
+        if fraud {
+            self.frauds_detected.inc();
+        }
     }
 
     pub fn nonces_computed(&self) -> u64 {
         self.nonces_computed.get()
     }
 
+    /// Record the start-up self-test.
+    pub fn set_selftest(&self, status: SelfTestStatus) {
+        for d in &status.devices {
+            let labels = [d.device.as_str()];
+            self.selftest_passed
+                .with_label_values(&labels)
+                .set(i64::from(d.passed));
+            self.selftest_cases
+                .with_label_values(&labels)
+                .set(d.cases as i64);
+            self.selftest_max_abs_diff
+                .with_label_values(&labels)
+                .set(d.max_abs_diff);
+        }
+        *lock(&self.selftest) = Some(status);
+    }
+
+    /// The start-up self-test, when one ran.
+    pub fn selftest(&self) -> Option<SelfTestStatus> {
+        lock(&self.selftest).clone()
+    }
+
     /// Everything as Prometheus text (format 0.0.4), with these GPU readings.
     pub fn render(&self, gpus: &[GpuSample]) -> String {
         self.nonces_per_second.set(self.nonces_per_second());
+        let graphs = cuda_graph_counters().snapshot();
+        for (event, now) in [
+            ("capture", graphs.captures),
+            ("replay", graphs.replays),
+            ("fallback", graphs.fallbacks),
+            ("dropped", graphs.dropped),
+        ] {
+            let c = self.cuda_graphs.with_label_values(&[event]);
+            // The process's counters only grow: catch up with them.
+            c.inc_by(now.saturating_sub(c.get()));
+        }
         self.gpus.set(gpus.len() as i64);
         let all = [
             &self.gpu_memory_used,
@@ -429,6 +677,55 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_labelled_counter_is_at_zero_from_the_start() {
+        let text = Metrics::new().render(&[]);
+        for kind in ["generate", "range"] {
+            assert!(
+                text.contains(&format!(
+                    "llama_pow_jobs_started_total{{kind=\"{kind}\"}} 0"
+                )),
+                "{text}"
+            );
+            for end in [
+                "completed",
+                "preempted",
+                "client_gone",
+                "shutdown",
+                "requested",
+                "failed",
+            ] {
+                assert!(
+                    text.contains(&format!(
+                        "llama_pow_jobs_finished_total{{end=\"{end}\",kind=\"{kind}\"}} 0"
+                    )),
+                    "{kind} {end}: {text}"
+                );
+            }
+        }
+        for t in ["Unsupported", "OutOfMemory", "DeviceFailure"] {
+            assert!(text.contains(&format!(
+                "llama_pow_device_errors_total{{error_type=\"{t}\"}} 0"
+            )));
+        }
+        for call in ORCHESTRATOR_CALLS {
+            assert!(text.contains(&format!(
+                "llama_pow_orchestrator_errors_total{{call=\"{call}\"}} 0"
+            )));
+        }
+        for plain in [
+            "llama_pow_preemptions_total 0",
+            "llama_pow_nonces_computed_total 0",
+            "llama_pow_batches_total 0",
+            "llama_pow_batch_seconds_count 0",
+            "llama_pow_last_model_build_seconds 0",
+            "llama_pow_last_time_to_first_batch_seconds 0",
+            "llama_pow_pooled_backlog 0",
+        ] {
+            assert!(text.contains(plain), "{plain}: {text}");
+        }
+    }
+
+    #[test]
     fn renders_counters_states_and_gpu_gauges() {
         let m = Metrics::new();
         m.job_started("generate");
@@ -453,11 +750,86 @@ mod tests {
         assert!(text.contains("llama_pow_gpu_power_watts{gpu=\"0\",name=\"Test GPU\"} 300.5"));
         assert!(text.contains("llama_pow_orchestrator_errors_total{call=\"heartbeat\"} 1"));
         assert!(text.contains("llama_pow_gpus 1"));
+        for event in ["capture", "replay", "fallback", "dropped"] {
+            let line = format!("llama_pow_cuda_graphs_total{{event=\"{event}\"}} ");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
         assert!(m.nonces_per_second() > 0.0);
         m.job_state(Some(JobState::Computing), None);
         let text = m.render(&[]);
         assert!(text.contains("llama_pow_job_state{state=\"idle\"} 1"));
         assert!(!text.contains("llama_pow_gpu_power_watts{"));
         assert!(text.contains("llama_pow_gpus 0"));
+    }
+}
+
+#[cfg(test)]
+mod graph_tests {
+    use super::*;
+
+    #[test]
+    fn graph_counters_count_and_subtract() {
+        let c = GraphCounters::default();
+        let before = c.snapshot();
+        c.capture();
+        c.replay();
+        c.replay();
+        c.fallback();
+        c.dropped(3);
+        let d = c.snapshot().since(before);
+        assert_eq!(
+            d,
+            GraphCounts {
+                captures: 1,
+                replays: 2,
+                fallbacks: 1,
+                dropped: 3
+            }
+        );
+        assert_eq!(before.since(c.snapshot()), GraphCounts::default());
+    }
+}
+
+#[cfg(test)]
+mod selftest_tests {
+    use super::*;
+
+    #[test]
+    fn the_selftest_is_kept_and_rendered_per_device() {
+        let m = Metrics::new();
+        assert_eq!(m.selftest(), None);
+        let device = |name: &str, passed, diff| DeviceSelfTest {
+            device: name.into(),
+            passed,
+            cases: 2,
+            max_abs_diff: diff,
+            failure: (!passed).then(|| "v2_shaped_f16: nonce 2: ...".to_string()),
+        };
+        let status = SelfTestStatus {
+            passed: true,
+            cases: 4,
+            max_abs_diff: 3e-7,
+            seconds: 0.5,
+            devices: vec![device("cuda:0", true, 3e-7), device("cuda:1", false, 0.25)],
+        };
+        m.set_selftest(status.clone());
+        assert_eq!(m.selftest(), Some(status));
+        let text = m.render(&[]);
+        assert!(
+            text.contains("llama_pow_selftest_passed{device=\"cuda:0\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("llama_pow_selftest_passed{device=\"cuda:1\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("llama_pow_selftest_cases{device=\"cuda:0\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("llama_pow_selftest_max_abs_diff{device=\"cuda:1\"} 0.25"),
+            "{text}"
+        );
     }
 }

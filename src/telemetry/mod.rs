@@ -8,4 +8,7 @@ pub mod sku;
 pub mod system;
 
 pub use gpu::{GpuMonitor, GpuSample};
-pub use metrics::{JobState, Metrics};
+pub use metrics::{
+    cuda_graph_counters, DeviceSelfTest, GraphCounters, GraphCounts, JobState, Metrics,
+    SelfTestStatus,
+};

@@ -17,7 +17,13 @@ pub fn ulp(dtype: Dtype, x: f64) -> f64 {
     2f64.powi(e - mantissa_bits)
 }
 
+/// `tests/golden/` of the source tree, or `LLAMA_POW_GOLDEN_DIR` when set: the GPU
+/// acceptance bundle (scripts/gpu-acceptance.sh) runs these tests on another machine, with the
+/// golden files beside them.
 pub fn golden_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LLAMA_POW_GOLDEN_DIR") {
+        return PathBuf::from(dir);
+    }
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join("golden")

@@ -65,7 +65,33 @@ impl Server {
 
     /// [`Server::start`] with these environment variables set for the server.
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_with(extra, env, None)
+    }
+
+    /// [`Server::start`] with the server's open-file limit (soft and hard) set to `files`.
+    pub fn start_with_file_limit(extra: &[&str], files: u64) -> Server {
+        Self::start_with(extra, &[], Some(files))
+    }
+
+    fn start_with(extra: &[&str], env: &[(&str, &str)], file_limit: Option<u64>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_llama-pow"));
+        if let Some(files) = file_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs in the child between fork and exec and only calls
+            // setrlimit(2), which is async-signal-safe, on a limit struct on its own stack.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: files as libc::rlim_t,
+                        rlim_max: files as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"])
             .args(extra)
             .envs(env.iter().copied())
@@ -154,10 +180,39 @@ impl Server {
 
     /// Send SIGTERM to the server (a child this test started).
     pub fn terminate(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Send `sig` to the server (a child this test started).
+    pub fn signal(&self, sig: libc::c_int) {
         // SAFETY: kill(2) with a PID we own (our child, not yet reaped) and a valid signal
         // number has no memory-safety preconditions.
-        let rc = unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let rc = unsafe { libc::kill(self.pid(), sig) };
         assert_eq!(rc, 0, "kill");
+    }
+
+    /// A memory figure of the server process from /proc/PID/status, in bytes: `VmRSS` (now)
+    /// or `VmHWM` (the peak so far).
+    pub fn memory(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(&format!("{field}:")))
+            .unwrap_or_else(|| panic!("no {field} in /proc/PID/status"));
+        let kib: u64 = line[field.len() + 1..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        kib * 1024
+    }
+
+    /// Open files of the server process.
+    pub fn open_files(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
@@ -427,6 +482,11 @@ pub enum Reply {
     Json(u16, Value),
     /// Say nothing for this long, then close (a client with a shorter timeout gives up).
     Hang(Duration),
+    /// 200 with a chunked body that never ends (a JSON string that never closes), for as
+    /// long as the client reads.
+    Endless,
+    /// This 3xx status with this Location.
+    Redirect(u16, String),
 }
 
 pub fn ok(v: Value) -> Reply {
@@ -580,6 +640,23 @@ fn serve_one(sock: TcpStream, requests: Arc<Mutex<Vec<StubRequest>>>, handler: A
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
     };
     match handler(&req) {
+        Reply::Endless => {
+            requests.lock().unwrap().push(req);
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                        Transfer-Encoding: chunked\r\n\r\n2\r\n[\"\r\n";
+            let chunk = format!("10000\r\n{}\r\n", "a".repeat(0x10000));
+            if w.write_all(head.as_bytes()).is_ok() {
+                while w.write_all(chunk.as_bytes()).is_ok() {}
+            }
+        }
+        Reply::Redirect(status, location) => {
+            requests.lock().unwrap().push(req);
+            let resp = format!(
+                "HTTP/1.1 {status} Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\n\
+                 Connection: close\r\n\r\n"
+            );
+            let _ = w.write_all(resp.as_bytes());
+        }
         Reply::Json(status, v) => {
             requests.lock().unwrap().push(req);
             let body = v.to_string();

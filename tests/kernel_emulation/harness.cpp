@@ -15,7 +15,8 @@
 //                                          x[rows*row_width] cos[positions*head_dim/2] (f32)
 //                                          sin[...] (f32)             -> x
 //   attention, attention_smem
-//                 batch seq n_heads n_kv_heads head_dim q_rows scale smem (attention_smem)
+//                 batch seq n_heads n_kv_heads head_dim q_rows scale
+//                 chunk (attention: scores in shared memory) smem (attention_smem)
 //                                          q[batch*q_rows*n_heads*head_dim]
 //                                          k[batch*seq*n_kv_heads*head_dim] v[same]
 //                                                                     -> out[like q]
@@ -201,29 +202,52 @@ void rope(K kernel, Io& io) {
                 [&] { kernel(x, c, s, rows, width, hd, rpb, first); });
 }
 
-template <typename S, typename K>
-void attention(K kernel, Io& io, bool smem_kernel) {
-    const int batch = (int)io.i("batch"), seq = (int)io.i("seq");
-    const int n_heads = (int)io.i("n_heads"), n_kv = (int)io.i("n_kv_heads");
-    const int hd = (int)io.i("head_dim"), qr = (int)io.i("q_rows");
-    const float scale = io.f32("scale");
-    const size_t q_len = (size_t)batch * qr * n_heads * hd;
-    const size_t kv_len = (size_t)batch * seq * n_kv * hd;
-    S* q = io.input("q", q_len, sizeof(S)).template as<S>();
-    S* k = io.input("k", kv_len, sizeof(S)).template as<S>();
-    S* v = io.input("v", kv_len, sizeof(S)).template as<S>();
-    S* out = io.output("out", q_len, sizeof(S)).template as<S>();
-    auto call = [&] { kernel(q, k, v, out, seq, n_heads, n_kv, hd, qr, scale); };
-    if (smem_kernel) {
-        // launch/attention.rs: grid (batch * n_heads, ceil(q_rows / 32)), block 128,
-        // attention::smem_bytes(seq, head_dim, dtype) (passed in by the test).
-        emu::launch(dim3((unsigned int)(batch * n_heads), (unsigned int)((qr + 31) / 32)),
-                    dim3(128), count(io.i("smem"), "smem"), call);
-    } else {
-        // launch/attention.rs: grid (batch * q_rows, n_heads), block 128, seq * 4 bytes.
-        emu::launch(dim3((unsigned int)(batch * qr), (unsigned int)n_heads), dim3(128),
-                    (size_t)seq * 4, call);
+// The buffers of one attention launch and its shape.
+template <typename S>
+struct AttentionIo {
+    int batch, seq, n_heads, n_kv, hd, qr;
+    float scale;
+    S *q, *k, *v, *out;
+
+    explicit AttentionIo(Io& io)
+        : batch((int)io.i("batch")),
+          seq((int)io.i("seq")),
+          n_heads((int)io.i("n_heads")),
+          n_kv((int)io.i("n_kv_heads")),
+          hd((int)io.i("head_dim")),
+          qr((int)io.i("q_rows")),
+          scale(io.f32("scale")) {
+        const size_t q_len = (size_t)batch * qr * n_heads * hd;
+        const size_t kv_len = (size_t)batch * seq * n_kv * hd;
+        q = io.input("q", q_len, sizeof(S)).template as<S>();
+        k = io.input("k", kv_len, sizeof(S)).template as<S>();
+        v = io.input("v", kv_len, sizeof(S)).template as<S>();
+        out = io.output("out", q_len, sizeof(S)).template as<S>();
     }
+};
+
+template <typename S, typename K>
+void attention_smem(K kernel, Io& io) {
+    AttentionIo<S> a(io);
+    // launch/attention.rs: grid (batch * n_heads, ceil(q_rows / 32)), block 128,
+    // attention::smem_bytes(seq, head_dim, dtype) (passed in by the test).
+    emu::launch(dim3((unsigned int)(a.batch * a.n_heads), (unsigned int)((a.qr + 31) / 32)),
+                dim3(128), count(io.i("smem"), "smem"), [&] {
+                    kernel(a.q, a.k, a.v, a.out, a.seq, a.n_heads, a.n_kv, a.hd, a.qr,
+                           a.scale);
+                });
+}
+
+template <typename S, typename K>
+void attention(K kernel, Io& io) {
+    AttentionIo<S> a(io);
+    const int chunk = (int)count(io.i("chunk"), "chunk");
+    // launch/attention.rs: grid (batch * q_rows, n_heads), block 128, chunk * 4 bytes.
+    emu::launch(dim3((unsigned int)(a.batch * a.qr), (unsigned int)a.n_heads), dim3(128),
+                (size_t)chunk * 4, [&] {
+                    kernel(a.q, a.k, a.v, a.out, a.seq, a.n_heads, a.n_kv, a.hd, a.qr,
+                           a.scale, chunk);
+                });
 }
 
 template <typename S, typename K>
@@ -497,9 +521,9 @@ int main(int argc, char** argv) {
     } else if (cmd == "rope") {
         BY_DTYPE(rope, rope);
     } else if (cmd == "attention") {
-        BY_DTYPE(attention, attention, false);
+        BY_DTYPE(attention, attention);
     } else if (cmd == "attention_smem") {
-        BY_DTYPE(attention, attention_smem, true);
+        BY_DTYPE(attention_smem, attention_smem);
     } else if (cmd == "silu_mul") {
         BY_DTYPE(two_arrays, silu_mul);
     } else if (cmd == "silu_mul_amax") {

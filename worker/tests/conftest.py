@@ -384,25 +384,16 @@ def short_server(session_dir):
     s.stop()
 
 
-def rsa_public_pem():
-    from Crypto.PublicKey import RSA
-
-    return RSA.generate(2048).publickey().export_key().decode()
-
-
 @pytest.fixture(scope="session")
 def autoscaler():
-    """The autoscaler the PyWorker reports to: its public key, status and deletions."""
-    pem = rsa_public_pem()
-
-    def route(method, path, _query, _body):
-        if method == "GET" and path == "/pubkey/":
-            return 200, pem
-        if method == "POST" and path in ("/worker_status/", "/delete_requests/"):
-            return 200, {"ok": True}
-        return 404, {"error": "unknown"}
-
-    stub = Stub(route)
+    """The autoscaler the PyWorker reports to: worker/stub_autoscaler.py, the stub the
+    repository gives users for running the PyWorker locally."""
+    sys.path.insert(0, str(WORKER_DIR))
+    try:
+        from stub_autoscaler import StubAutoscaler
+    finally:
+        sys.path.remove(str(WORKER_DIR))
+    stub = StubAutoscaler(LOOPBACK, 0)
     yield stub
     stub.close()
 

@@ -208,6 +208,45 @@ def test_pooled_session_computes_the_orchestrators_range(pyworker, golden):
         orch.close()
 
 
+def test_validate_through_the_pyworker(pyworker, golden):
+    # The reference's own proofs, then the same batch with every nonce of the case claimed.
+    batch = {
+        "block_hash": golden["block_hash"],
+        "block_height": 7,
+        "public_key": golden["public_key"],
+        "params": golden["params"],
+        "r_target": golden["r_target"],
+        "nonces": golden["valid_nonces"],
+        "dist": golden["valid_dist"],
+    }
+    idx, body = pyworker.envelope(batch, "/validate")
+    stream = Stream(pyworker.port, "/validate", body)
+    assert stream.status == 200
+    assert stream.content_type.startswith("application/x-ndjson")
+    lines = stream.rest(timeout=60)
+    stream.close()
+    *progress, verdict = [l.obj for l in lines]
+    assert progress and progress[-1]["validated"] == len(golden["valid_nonces"])
+    assert verdict["n_invalid"] == 0 and verdict["fraud_detected"] is False
+    assert verdict["nonces"] == golden["valid_nonces"]
+    assert verdict["max_abs_dist_diff"] <= 1e-5
+
+    falsified = dict(batch, nonces=golden["nonces"], dist=[golden["r_target"] - 0.01] * len(golden["nonces"]))
+    idx, body = pyworker.envelope(falsified, "/validate")
+    stream = Stream(pyworker.port, "/validate", body)
+    verdict = stream.rest(timeout=60)[-1].obj
+    stream.close()
+    want = [n for n, d in zip(golden["nonces"], golden["dist"]) if d > golden["r_target"]]
+    assert verdict["invalid_nonces"] == want
+    assert verdict["fraud_detected"] is True
+
+    # A bad batch is the server's 400, naming the field.
+    idx, body = pyworker.envelope(dict(batch, dist=batch["dist"][:-1]), "/validate")
+    status, obj = post_json(pyworker.port, "/validate", body)
+    assert status == 400
+    assert obj["error"].startswith("dist: ")
+
+
 def test_a_client_that_leaves_gets_499_and_the_next_request_gets_the_gpu(
     pyworker, autoscaler, golden, server
 ):

@@ -82,6 +82,27 @@ def test_local_test_mode_runs_a_generate_job(short_server, golden):
     )
 
 
+def test_local_test_mode_runs_a_validation(short_server, golden):
+    job = {
+        "input": {
+            "block_hash": golden["block_hash"],
+            "block_height": 1,
+            "public_key": golden["public_key"],
+            "params": golden["params"],
+            "r_target": golden["r_target"],
+            "nonces": golden["valid_nonces"],
+            "dist": golden["valid_dist"],
+        }
+    }
+    done = run_local_test(short_server, job)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Job local_test completed successfully." in done.stdout
+    outputs = first_outputs(done.stdout)
+    verdicts = [o for o in outputs if "probability_honest" in o]
+    assert len(verdicts) == 1, done.stdout[-2000:]
+    assert verdicts[0]["n_invalid"] == 0 and verdicts[0]["fraud_detected"] is False
+
+
 def test_local_test_mode_fails_the_job_on_a_bad_request(short_server):
     done = run_local_test(short_server, {"input": {"block_hash": "ab"}})
     assert done.returncode == 1
@@ -95,6 +116,9 @@ def test_the_handler_yields_each_line_as_the_server_makes_it(short_server, golde
     assert handler.route_for({"orchestrator_url": "x"}) == "/pooled"
     assert handler.route_for({"callback_url": "x"}) == "/warmup"
     assert handler.route_for(tiny_request(golden)) == "/generate"
+    assert handler.route_for({"nonces": [1], "dist": [1.0]}) == "/validate"
+    # A request that merely mentions nonces is still a generation.
+    assert handler.route_for(dict(tiny_request(golden), nonces=[1])) == "/generate"
 
     async def consume():
         out = []

@@ -109,6 +109,24 @@ def test_sigterm_reaches_the_server_and_env_options_apply(tmp_path):
         s.stop()
 
 
+def test_sighup_reaches_the_server_which_shuts_down_cleanly(tmp_path):
+    port = free_port()
+    s = Server(tmp_path, {"LLAMA_POW_PORT": str(port)})
+    s.port = port
+    try:
+        s.start()
+        server_pids = children(s.proc.pid)
+        assert server_pids, "no server process under start_server.sh"
+        os.kill(s.proc.pid, signal.SIGHUP)
+        assert s.proc.wait(timeout=20) == 0
+        assert wait_until(5, lambda: not any(alive(p) for p in server_pids))
+        text = s.log.read_text()
+        assert "SIGHUP received" in text and "shut down cleanly" in text
+        assert "Error:" not in text
+    finally:
+        s.stop()
+
+
 def test_a_server_that_fails_leaves_a_fatal_line(tmp_path):
     s = Server(tmp_path)
     s.env["LLAMA_POW_DTYPE"] = "f8"

@@ -25,7 +25,13 @@ def load_worker_module():
 
 
 def test_defaults(monkeypatch):
-    for name in ("MODEL_SERVER_URL", "MODEL_SERVER_PORT", "MODEL_LOG", "WORKER_JOB_WORKLOAD"):
+    for name in (
+        "MODEL_SERVER_URL",
+        "MODEL_SERVER_PORT",
+        "MODEL_LOG",
+        "WORKER_JOB_WORKLOAD",
+        "WORKER_VALIDATE_NONCE_WORKLOAD",
+    ):
         monkeypatch.delenv(name, raising=False)
     config = load_worker_module().build_config()
     assert config.model_server_url == "http://127.0.0.1"
@@ -35,14 +41,21 @@ def test_defaults(monkeypatch):
     assert config.log_action_config.on_load == ["Application startup complete."]
     assert config.log_action_config.on_error == FATAL
     routes = {h.route: h for h in config.handlers}
-    assert sorted(routes) == ["/generate", "/health", "/pooled", "/warmup"]
+    assert sorted(routes) == ["/generate", "/health", "/pooled", "/validate", "/warmup"]
     assert [r for r, h in routes.items() if h.benchmark_config] == ["/health"]
-    for route in ("/generate", "/warmup", "/pooled"):
+    for route in ("/generate", "/warmup", "/pooled", "/validate"):
         h = routes[route]
         assert h.max_queue_time is None, route
         assert h.allow_parallel_requests is False, route
-        assert h.workload_calculator({"batch_size": 7}) == 100.0
+    for route in ("/generate", "/warmup", "/pooled"):
+        assert routes[route].workload_calculator({"batch_size": 7}) == 100.0
     assert routes["/health"].workload_calculator({}) == 1.0
+    # A validation weighs what its nonces do: 1000 of them as much as a compute job.
+    validate = routes["/validate"].workload_calculator
+    assert validate({"nonces": list(range(1000)), "dist": [1.0] * 1000}) == 100.0
+    assert validate({"nonces": [1, 2], "dist": [1.0, 1.0]}) == 0.2
+    assert validate({"nonces": []}) == 0.1
+    assert validate({"nonces": "junk"}) == 0.1
 
 
 def test_environment_overrides(monkeypatch):
@@ -50,11 +63,14 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("MODEL_SERVER_PORT", "18123")
     monkeypatch.setenv("MODEL_LOG", "/tmp/elsewhere.log")
     monkeypatch.setenv("WORKER_JOB_WORKLOAD", "40")
+    monkeypatch.setenv("WORKER_VALIDATE_NONCE_WORKLOAD", "2")
     config = load_worker_module().build_config()
     assert config.model_server_url == "http://127.0.0.2"
     assert config.model_server_port == 18123
     assert config.model_log_file == "/tmp/elsewhere.log"
-    assert {h.route: h for h in config.handlers}["/generate"].workload_calculator({}) == 40.0
+    routes = {h.route: h for h in config.handlers}
+    assert routes["/generate"].workload_calculator({}) == 40.0
+    assert routes["/validate"].workload_calculator({"nonces": [1, 2, 3]}) == 6.0
 
 
 def test_a_bad_worker_perf_stops_the_worker_before_it_starts(tmp_path):

@@ -42,6 +42,7 @@ mod simd;
 
 pub use model::{CpuLayer, CpuModel, CpuWeights};
 
+use super::batch::{self, BatchResult, JobSpec, PreparedBatch, StopToken};
 use super::{downcast_model, Backend, BackendError, Model};
 use crate::pow::dtype::{Dtype, RoundBf16, RoundF16, RoundF32, Rounding};
 use crate::pow::params::Params;
@@ -51,7 +52,7 @@ use crate::pow::weights::{LayerWeights, ModelWeights};
 use matmul::{linear, Kernel};
 use rayon::prelude::*;
 use simd::wide_fn;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Elements per rayon task in elementwise passes.
 const ELEMWISE_CHUNK: usize = 1 << 14;
@@ -486,19 +487,68 @@ impl ForwardScratch {
                 b.resize(n, 0.0);
             }
         };
-        grow(&mut self.x, m * d.dim);
-        grow(&mut self.xn, m * d.dim);
-        grow(&mut self.q, m * d.n_heads * d.hd);
-        grow(&mut self.k, m * d.n_kv_heads * d.hd);
-        grow(&mut self.v, m * d.n_kv_heads * d.hd);
-        grow(&mut self.att, m * d.n_heads * d.hd);
-        grow(&mut self.tmp, m * d.dim);
-        grow(&mut self.h1, m * d.hidden);
-        // h3 is grown only when the products cannot be fused (see `ffn_block`).
-        grow(
-            &mut self.kt,
-            attention::transposed_len(m / d.seq, &d.attn_shape(d.seq)),
-        );
+        let want = ScratchLens::for_rows(m, d);
+        grow(&mut self.x, want.x);
+        grow(&mut self.xn, want.xn);
+        grow(&mut self.q, want.q);
+        grow(&mut self.k, want.k);
+        grow(&mut self.v, want.v);
+        grow(&mut self.att, want.att);
+        grow(&mut self.tmp, want.tmp);
+        grow(&mut self.h1, want.h1);
+        grow(&mut self.h3, want.h3);
+        grow(&mut self.kt, want.kt);
+    }
+}
+
+/// The lengths (f32 values) of [`ForwardScratch`]'s buffers for `rows` residual rows
+/// (`batch * seq_len`): what the forward pass allocates, and what the memory check counts
+/// ([`working_bytes_per_nonce`]), from this one place.
+#[derive(Debug, Clone, Copy)]
+struct ScratchLens {
+    x: usize,
+    xn: usize,
+    q: usize,
+    k: usize,
+    v: usize,
+    att: usize,
+    tmp: usize,
+    h1: usize,
+    /// Zero when the product path fuses the FFN's two products (see `ffn_block`).
+    h3: usize,
+    kt: usize,
+}
+
+impl ScratchLens {
+    fn for_rows(rows: usize, d: &Dims) -> Self {
+        ScratchLens {
+            x: rows * d.dim,
+            xn: rows * d.dim,
+            q: rows * d.n_heads * d.hd,
+            k: rows * d.n_kv_heads * d.hd,
+            v: rows * d.n_kv_heads * d.hd,
+            att: rows * d.n_heads * d.hd,
+            tmp: rows * d.dim,
+            h1: rows * d.hidden,
+            h3: if d.ffn_fused { 0 } else { rows * d.hidden },
+            kt: attention::transposed_len(rows / d.seq.max(1), &d.attn_shape(d.seq)),
+        }
+    }
+
+    fn total(&self) -> usize {
+        let ScratchLens {
+            x,
+            xn,
+            q,
+            k,
+            v,
+            att,
+            tmp,
+            h1,
+            h3,
+            kt,
+        } = *self;
+        x + xn + q + k + v + att + tmp + h1 + h3 + kt
     }
 }
 
@@ -507,6 +557,8 @@ impl ForwardScratch {
 struct Dims {
     /// The product path the weights are packed for.
     kernel: Kernel,
+    /// Whether that path computes the FFN's two products and SiLU-times in one pass.
+    ffn_fused: bool,
     dim: usize,
     seq: usize,
     n_heads: usize,
@@ -517,6 +569,27 @@ struct Dims {
 }
 
 impl Dims {
+    /// The sizes of `p`, for weights packed for `path` (kernel and dtype); `None` (the
+    /// memory check, which knows neither) assumes the FFN's products are not fused, the
+    /// larger working memory.
+    fn of(p: &Params, path: Option<(Kernel, Dtype)>) -> Self {
+        let (kernel, ffn_fused) = match path {
+            Some((kernel, dtype)) => (kernel, matmul::fuses_silu_mul(kernel, dtype, p.dim_usize())),
+            None => (Kernel::Scalar, false),
+        };
+        Dims {
+            kernel,
+            ffn_fused,
+            dim: p.dim_usize(),
+            seq: p.seq_len_usize(),
+            n_heads: p.n_heads_usize(),
+            n_kv_heads: p.n_kv_heads_usize(),
+            hd: p.head_dim(),
+            hidden: p.ffn_hidden(),
+            eps: p.norm_eps as f32,
+        }
+    }
+
     /// The attention shape with `q_rows` query rows per nonce.
     fn attn_shape(&self, q_rows: usize) -> AttnShape {
         AttnShape {
@@ -624,23 +697,17 @@ fn block<R: Rounding>(
     mq
 }
 
+/// The forward pass, or None when `stop` said to give up (asked before every layer and
+/// before the output projection, so a stop takes effect within one layer's time).
 fn forward_impl<R: Rounding>(
     s: &mut ForwardScratch,
     weights: &CpuModel,
     inputs: &[f32],
     batch: usize,
-) -> Vec<f32> {
+    stop: &StopToken,
+) -> Option<Vec<f32>> {
     let p = &weights.params;
-    let d = Dims {
-        kernel: weights.kernel,
-        dim: p.dim_usize(),
-        seq: p.seq_len_usize(),
-        n_heads: p.n_heads_usize(),
-        n_kv_heads: p.n_kv_heads_usize(),
-        hd: p.head_dim(),
-        hidden: p.ffn_hidden(),
-        eps: p.norm_eps as f32,
-    };
+    let d = Dims::of(p, Some((weights.kernel, R::DTYPE)));
     let vocab = p.vocab_usize();
     let m = batch * d.seq;
     let rope = RopeTable::new(p, R::DTYPE);
@@ -649,7 +716,13 @@ fn forward_impl<R: Rounding>(
     let mut rows = m;
     let n_layers = weights.layers.len();
     for (l, lw) in weights.layers.iter().enumerate() {
+        if stop.is_stopped() {
+            return None;
+        }
         rows = block::<R>(batch, lw, &rope, s, d, l + 1 == n_layers);
+    }
+    if stop.is_stopped() {
+        return None;
     }
     if rows != batch {
         // No layers: keep the last position of each nonce.
@@ -662,7 +735,7 @@ fn forward_impl<R: Rounding>(
     rmsnorm::<R>(&s.x[..batch * d.dim], &weights.norm, xn, d.dim, d.eps);
     let mut logits = vec![0f32; batch * vocab];
     linear::<R>(d.kernel, &mut logits, xn, batch, d.dim, &weights.output);
-    logits
+    Some(logits)
 }
 
 /// The forward pass: `inputs` are `batch * seq_len * dim` embeddings (exactly representable
@@ -686,6 +759,19 @@ pub fn forward_last_logits_with<W: CpuWeights + ?Sized>(
     inputs: &[f32],
     batch: usize,
 ) -> Vec<f32> {
+    forward_last_logits_until(scratch, weights, inputs, batch, &StopToken::default())
+        .expect("a forward pass that is never stopped finishes")
+}
+
+/// [`forward_last_logits_with`] that gives up (None) as soon as `stop` says so, checked
+/// between layers.
+pub fn forward_last_logits_until<W: CpuWeights + ?Sized>(
+    scratch: &mut ForwardScratch,
+    weights: &W,
+    inputs: &[f32],
+    batch: usize,
+    stop: &StopToken,
+) -> Option<Vec<f32>> {
     let p = weights.params();
     assert_eq!(
         inputs.len(),
@@ -693,7 +779,7 @@ pub fn forward_last_logits_with<W: CpuWeights + ?Sized>(
         "inputs must hold batch * seq_len * dim values"
     );
     if batch == 0 {
-        return Vec::new();
+        return Some(Vec::new());
     }
     let weights = weights.packed().unwrap_or_else(|e| panic!("{e}"));
     let weights = &*weights;
@@ -701,9 +787,9 @@ pub fn forward_last_logits_with<W: CpuWeights + ?Sized>(
     // forked by work stealing instead of each being injected into the pool from outside and
     // waited for (which costs more than the work itself for small models).
     rayon::scope(|_| match weights.dtype {
-        Dtype::F32 => forward_impl::<RoundF32>(scratch, weights, inputs, batch),
-        Dtype::F16 => forward_impl::<RoundF16>(scratch, weights, inputs, batch),
-        Dtype::Bf16 => forward_impl::<RoundBf16>(scratch, weights, inputs, batch),
+        Dtype::F32 => forward_impl::<RoundF32>(scratch, weights, inputs, batch, stop),
+        Dtype::F16 => forward_impl::<RoundF16>(scratch, weights, inputs, batch, stop),
+        Dtype::Bf16 => forward_impl::<RoundBf16>(scratch, weights, inputs, batch, stop),
     })
 }
 
@@ -715,13 +801,44 @@ pub fn forward_last_logits_with<W: CpuWeights + ?Sized>(
 /// and bf16 weights in 2 bytes, so for those dtypes this is an upper bound (the check
 /// takes no dtype).
 pub fn model_bytes(params: &Params) -> u64 {
+    let pool = weights::pool_size(weights::total_params(params));
+    weight_bytes(params).saturating_add(pool.saturating_mul(4))
+}
+
+/// Bytes of the f32 weights the forward reads (all but tok_embeddings), once built.
+fn weight_bytes(params: &Params) -> u64 {
     let total = weights::total_params(params);
     let embeddings = (params.vocab_size.max(0) as u64).saturating_mul(params.dim.max(0) as u64);
-    let pool = weights::pool_size(total);
-    total
-        .saturating_sub(embeddings)
-        .saturating_add(pool)
-        .saturating_mul(4)
+    total.saturating_sub(embeddings).saturating_mul(4)
+}
+
+/// Bytes one nonce takes while a batch computes, from the sizes the code allocates: the
+/// forward's scratch buffers for its `seq_len` rows ([`ScratchLens`]), its inputs (f32), its
+/// permutation (i64), its logits (f32) and the distance's temporaries; plus what one forward
+/// pass holds whatever the batch (one row of attention scores per thread, the RoPE table).
+/// The memory check asks for room for one nonce; the engine's `max_batch_bytes` divided by
+/// this caps a batch.
+pub fn working_bytes_per_nonce(params: &Params) -> u64 {
+    let d = Dims::of(params, None);
+    let vocab = params.vocab_usize() as u64;
+    let seq = d.seq as u64;
+    let scratch = ScratchLens::for_rows(d.seq, &d).total() as u64 * 4;
+    let inputs = seq * d.dim as u64 * 4;
+    let permutation = vocab * 8;
+    let logits = vocab * 4;
+    // proof::distance: the gathered logits and their squares (f32), the differences (f64).
+    let distance = vocab * (4 + 4 + 8);
+    let scores = seq * 4 * rayon::current_num_threads() as u64;
+    let rope = seq * d.hd as u64 * 4;
+    scratch + inputs + permutation + logits + distance + scores + rope
+}
+
+fn gib(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", bytes as f64 / GIB)
+    } else {
+        format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes, when readable.
@@ -742,28 +859,69 @@ fn parse_mem_available(meminfo: &str) -> Option<u64> {
     value.checked_mul(unit)
 }
 
-/// Refuse a model that does not fit in `available` bytes (unknown: let it try).
+/// Refuse a model that, with one nonce's working memory, does not fit in `available` bytes
+/// (unknown: let it try). The message names the params behind the larger part.
 pub fn check_model_fits(params: &Params, available: Option<u64>) -> Result<(), BackendError> {
-    let need = model_bytes(params);
-    match available {
-        Some(avail) if need > avail => Err(BackendError::OutOfMemory(format!(
-            "the CPU model for {params} needs {:.1} GiB (f32 weights and their pool), \
-             but only {:.1} GiB of memory is available",
-            need as f64 / GIB,
-            avail as f64 / GIB
-        ))),
-        _ => Ok(()),
+    let Some(avail) = available else {
+        return Ok(());
+    };
+    let weights = weight_bytes(params);
+    let build = model_bytes(params);
+    let working = working_bytes_per_nonce(params);
+    // The pool is freed once the weights are built, before the first batch.
+    let need = build.max(weights.saturating_add(working));
+    if need <= avail {
+        return Ok(());
     }
+    let p = params;
+    let hidden = p.ffn_hidden();
+    let culprit = if working > weights {
+        format!(
+            "seq_len {} with dim {} and the FFN hidden size {hidden} (from ffn_dim_multiplier \
+             and multiple_of) make one nonce's working memory {}",
+            p.seq_len,
+            p.dim,
+            gib(working)
+        )
+    } else {
+        format!(
+            "n_layers {} with dim {}, the FFN hidden size {hidden} (from ffn_dim_multiplier \
+             and multiple_of) and vocab_size {} make the f32 weights {}",
+            p.n_layers,
+            p.dim,
+            p.vocab_size,
+            gib(weights)
+        )
+    };
+    Err(BackendError::OutOfMemory(format!(
+        "params: the CPU needs {} for this model ({} of f32 weights, {} while their pool is \
+         drawn, {} of working memory for one nonce), but only {} of memory is available: \
+         {culprit}",
+        gib(need),
+        gib(weights),
+        gib(build.saturating_sub(weights)),
+        gib(working),
+        gib(avail)
+    )))
+}
+
+/// Bytes a built model holds, from its buffers' lengths.
+fn resident_bytes(m: &CpuModel) -> u64 {
+    m.bytes() as u64
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backend
 
 /// The CPU backend: f32 arithmetic with the model dtype's rounding points, on all rayon
-/// threads. Keeps the scratch buffers of finished calls for the next ones.
+/// threads. Keeps the scratch buffers of finished batches for the next ones until the job
+/// ends ([`Backend::release_working_memory`]).
 #[derive(Debug, Default)]
 pub struct CpuBackend {
     scratch: Mutex<Vec<ForwardScratch>>,
+    /// Every model built here that may still be alive (in the engine's cache or a running
+    /// job): the memory a new job could have back, since building evicts them.
+    built: Mutex<Vec<Weak<CpuModel>>>,
 }
 
 impl CpuBackend {
@@ -777,6 +935,37 @@ impl CpuBackend {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+    }
+
+    /// Whether `params` fits in `mem_available` bytes (unknown: yes) plus what this backend
+    /// would give back to a new job ([`CpuBackend::reclaimable_bytes`]).
+    fn check_fits(&self, params: &Params, mem_available: Option<u64>) -> Result<(), BackendError> {
+        let available = mem_available.map(|a| a.saturating_add(self.reclaimable_bytes()));
+        check_model_fits(params, available)
+    }
+
+    /// Bytes a new job could take over: the models built here that are still alive (the
+    /// engine evicts cached models when a build runs out of memory, and a running job's
+    /// model goes when a new job preempts it) and the kept scratch buffers (released when
+    /// that job ends).
+    pub fn reclaimable_bytes(&self) -> u64 {
+        let models: u64 = {
+            let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+            built.retain(|w| w.strong_count() > 0);
+            built
+                .iter()
+                .filter_map(Weak::upgrade)
+                .map(|m| resident_bytes(&m))
+                .sum()
+        };
+        let scratch: usize = self
+            .scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(ForwardScratch::bytes)
+            .sum();
+        models + scratch as u64
     }
 }
 
@@ -796,6 +985,18 @@ impl CpuBackend {
         model: &W,
         inputs: &[f32],
         batch: usize,
+    ) -> Result<Vec<f32>, BackendError> {
+        self.forward_until(model, inputs, batch, &StopToken::default())
+    }
+
+    /// [`CpuBackend::forward`], given up between layers ([`BackendError::Stopped`]) as soon
+    /// as `stop` says so.
+    pub fn forward_until<W: CpuWeights + ?Sized>(
+        &self,
+        model: &W,
+        inputs: &[f32],
+        batch: usize,
+        stop: &StopToken,
     ) -> Result<Vec<f32>, BackendError> {
         let p = model.params();
         if p.use_fp8 {
@@ -817,12 +1018,12 @@ impl CpuBackend {
         let model = model.packed()?;
         let taken = self.scratch.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut scratch = taken.unwrap_or_default();
-        let logits = forward_last_logits_with(&mut scratch, &*model, inputs, batch);
+        let logits = forward_last_logits_until(&mut scratch, &*model, inputs, batch, stop);
         self.scratch
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(scratch);
-        Ok(logits)
+        logits.ok_or(BackendError::Stopped)
     }
 }
 
@@ -831,6 +1032,8 @@ impl Backend for CpuBackend {
         "cpu".into()
     }
 
+    /// Valid params, no FP8, and room for the model and one nonce's working memory in the
+    /// memory available now plus what the models and buffers kept here would give back.
     fn check(&self, params: &Params, _dtype: Dtype) -> Result<(), BackendError> {
         params
             .validate()
@@ -842,7 +1045,7 @@ impl Backend for CpuBackend {
                     .into(),
             ));
         }
-        check_model_fits(params, mem_available_bytes())
+        self.check_fits(params, mem_available_bytes())
     }
 
     fn warm_up(&self) {
@@ -850,6 +1053,8 @@ impl Backend for CpuBackend {
         rayon::broadcast(|_| ());
     }
 
+    /// Refused (out of memory) unless the model and one nonce fit in the memory available
+    /// now: the engine then evicts its cached models and tries once more.
     fn build_model(
         &self,
         block_hash: &str,
@@ -863,7 +1068,12 @@ impl Backend for CpuBackend {
             return Err(fp8_unsupported());
         }
         check_model_fits(params, mem_available_bytes())?;
-        Ok(Arc::new(CpuModel::build(block_hash, params, dtype)?))
+        let model = Arc::new(CpuModel::build(block_hash, params, dtype)?);
+        self.built
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&model));
+        Ok(model)
     }
 
     fn forward_last_logits(
@@ -876,22 +1086,39 @@ impl Backend for CpuBackend {
         self.forward(m, inputs, batch)
     }
 
+    /// The default (forward, then the distances on the host), except that the forward pass
+    /// gives up between layers once `job.stop` says so.
+    fn run_batch(
+        &self,
+        model: &Model,
+        job: &JobSpec,
+        batch: PreparedBatch,
+        all_distances: bool,
+    ) -> Result<BatchResult, BackendError> {
+        let m = downcast_model::<CpuModel>(model, &self.name())?;
+        let logits = self.forward_until(m, &batch.inputs, batch.nonces.len(), &job.stop)?;
+        let r = batch::finish(job, batch, &logits);
+        Ok(if all_distances {
+            r
+        } else {
+            r.without_distances()
+        })
+    }
+
     /// The CPU computes in host memory: the whole forward pass's activations.
     fn bytes_per_nonce(&self, params: &Params) -> u64 {
         bytes_per_nonce(params)
     }
+
+    fn release_working_memory(&self) {
+        self.release_scratch();
+    }
 }
 
-/// Rough bytes one nonce occupies during a CPU forward pass (inputs, activations, scores,
-/// logits and permutation), to cap a batch so that a large `batch_size` cannot exhaust memory.
+/// Bytes one nonce occupies during a CPU forward pass ([`working_bytes_per_nonce`]), to cap
+/// a batch so that a large `batch_size` cannot exhaust memory.
 pub fn bytes_per_nonce(params: &Params) -> u64 {
-    let seq = params.seq_len.max(1) as u64;
-    let dim = params.dim.max(1) as u64;
-    let hidden = params.ffn_hidden() as u64;
-    let heads = params.n_heads.max(1) as u64;
-    let vocab = params.vocab_size.max(1) as u64;
-    let activations = seq * (6 * dim + 3 * hidden) + heads * seq * seq;
-    (activations + 4 * vocab) * 4
+    working_bytes_per_nonce(params)
 }
 
 #[cfg(test)]
@@ -1478,6 +1705,109 @@ mod tests {
                 .unwrap_err();
             assert!(matches!(e, BackendError::OutOfMemory(_)), "{e}");
         }
+    }
+
+    #[test]
+    fn one_nonce_of_working_memory_is_part_of_the_check() {
+        // A 1-layer model of 15.6 GB whose one nonce needs 30 GB: refused in 20 GiB, with
+        // the params that make it too big named.
+        let p = Params {
+            dim: 16384,
+            n_layers: 1,
+            n_heads: 128,
+            n_kv_heads: 128,
+            vocab_size: 8192,
+            seq_len: 32768,
+            ..Params::default()
+        };
+        let working = working_bytes_per_nonce(&p);
+        assert!(working > 28 << 30 && working > model_bytes(&p), "{working}");
+        let e = check_model_fits(&p, Some(20 << 30)).unwrap_err();
+        assert!(matches!(e, BackendError::OutOfMemory(_)), "{e}");
+        let msg = e.to_string();
+        for want in [
+            "params:",
+            "seq_len 32768 with dim 16384",
+            "working memory for one nonce",
+            "only 20.0 GiB of memory is available",
+        ] {
+            assert!(msg.contains(want), "{want:?} in {msg}");
+        }
+        // Weights that do not fit name n_layers instead.
+        let big = Params {
+            n_layers: 64,
+            seq_len: 16,
+            ..p.clone()
+        };
+        let msg = check_model_fits(&big, Some(20 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("n_layers 64 with dim 16384"), "{msg}");
+        // The check counts what the forward pass allocates: after a batch of one nonce the
+        // scratch holds exactly its scratch part.
+        let small = shape(24, 2, 4, 2, 7, 1, 6, false);
+        let w = test_model(&small, Dtype::Bf16, 11);
+        let mut s = ForwardScratch::new();
+        forward_last_logits_with(&mut s, &w, &[0.25; 6 * 24], 1);
+        let d = Dims::of(
+            &small,
+            Some((Kernel::select(Dtype::Bf16).unwrap(), Dtype::Bf16)),
+        );
+        assert_eq!(s.bytes(), 4 * ScratchLens::for_rows(6, &d).total());
+        assert!((s.bytes() as u64) < working_bytes_per_nonce(&small));
+    }
+
+    #[test]
+    fn cached_models_count_as_available() {
+        let be = CpuBackend::new();
+        let a = shape(64, 2, 4, 4, 100, 8, 16, false);
+        let b = shape(64, 3, 4, 4, 100, 8, 16, false);
+        let need_b = model_bytes(&b).max(weight_bytes(&b) + working_bytes_per_nonce(&b));
+        let held = be.build_model("block a", &a, Dtype::F16).unwrap();
+        let resident = be.reclaimable_bytes();
+        let built = held.downcast_ref::<CpuModel>().unwrap();
+        assert_eq!(
+            resident,
+            built.bytes() as u64,
+            "a built model holds its weights packed in the dtype"
+        );
+        assert!(
+            resident < weight_bytes(&a),
+            "f16 weights take less than f32 ones"
+        );
+        // B fits once A is evicted: accepted while A is cached...
+        let avail = need_b - resident / 2;
+        be.check_fits(&b, Some(avail)).unwrap();
+        // ...and refused once nothing is left to evict.
+        drop(held);
+        assert_eq!(be.reclaimable_bytes(), 0);
+        let e = be.check_fits(&b, Some(avail)).unwrap_err();
+        assert!(matches!(e, BackendError::OutOfMemory(_)), "{e}");
+        // Kept scratch buffers count too, until they are released.
+        let m = be.build_model("block a", &a, Dtype::F16).unwrap();
+        be.forward_last_logits(&m, &vec![0.5; 16 * 64], 1).unwrap();
+        drop(m);
+        assert!(be.reclaimable_bytes() > 0);
+        be.release_working_memory();
+        assert_eq!(be.reclaimable_bytes(), 0);
+    }
+
+    #[test]
+    fn a_stopped_token_gives_up_the_forward_pass() {
+        let params = shape(24, 3, 4, 2, 7, 1, 6, false);
+        let w = test_model(&params, Dtype::F16, 5);
+        let be = CpuBackend::new();
+        let inputs = vec![0.5f32; 6 * 24];
+        let stopped = StopToken::default().with_deadline(std::time::Instant::now());
+        assert!(matches!(
+            be.forward_until(&w, &inputs, 1, &stopped),
+            Err(BackendError::Stopped)
+        ));
+        let never = StopToken::default();
+        assert_eq!(
+            be.forward_until(&w, &inputs, 1, &never).unwrap(),
+            forward_last_logits(&w, &inputs, 1)
+        );
     }
 
     #[test]

@@ -4,7 +4,9 @@
 
 use super::forward::{self, TailOutput};
 use super::gpu::{Gpu, GpuError};
+use super::graphs::GroupGraphCounters;
 use super::model::{self, GpuModel, RESERVE_BYTES};
+use super::peer::{self, PeerLink};
 use super::GpuInfo;
 use crate::backend::{
     downcast_model, Backend, BackendError, BatchResult, JobSpec, Model, PreparedBatch,
@@ -19,6 +21,10 @@ pub struct CudaBackend {
     gpus: Vec<Arc<Gpu>>,
     /// Replay each batch size's launch sequence as a captured CUDA graph (`--cuda-graphs`).
     graphs: bool,
+    /// What the graphs did on this group.
+    graph_counters: GroupGraphCounters,
+    /// How the residual crosses from each GPU to the next (one link fewer than GPUs).
+    links: Vec<PeerLink>,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -33,13 +39,29 @@ impl CudaBackend {
         Ok(Self::from_gpus(gpus))
     }
 
-    /// A group of GPUs already brought up (shared with other groupings of the same GPUs).
+    /// A group of GPUs already brought up (shared with other groupings of the same GPUs),
+    /// with peer access enabled between consecutive GPUs where the pair supports it.
     pub fn from_gpus(gpus: Vec<Arc<Gpu>>) -> Self {
         assert!(!gpus.is_empty(), "a GPU group has at least one GPU");
+        let links: Vec<PeerLink> = gpus.windows(2).map(|w| peer::link(&w[0], &w[1])).collect();
+        for (w, l) in gpus.windows(2).zip(&links) {
+            tracing::info!(
+                "{} -> {}: the residual travels {l}",
+                w[0].info.device_name(),
+                w[1].info.device_name()
+            );
+        }
         CudaBackend {
             gpus,
             graphs: false,
+            graph_counters: GroupGraphCounters::default(),
+            links,
         }
+    }
+
+    /// How the residual crosses from each GPU of the group to the next.
+    pub fn peer_links(&self) -> &[PeerLink] {
+        &self.links
     }
 
     /// Capture each batch size's launch sequence into a CUDA graph and replay it (single-GPU
@@ -51,6 +73,16 @@ impl CudaBackend {
 
     pub fn gpus(&self) -> &[Arc<Gpu>] {
         &self.gpus
+    }
+
+    /// What CUDA graphs did on this group so far.
+    pub fn graph_counts(&self) -> crate::telemetry::GraphCounts {
+        self.graph_counters.snapshot()
+    }
+
+    /// The graph counters to pass to the forward pass: None with graphs off.
+    fn graphs(&self) -> Option<&GroupGraphCounters> {
+        self.graphs.then_some(&self.graph_counters)
     }
 
     fn model<'a>(&self, model: &'a Model) -> Result<&'a GpuModel, BackendError> {
@@ -85,13 +117,14 @@ pub fn check_group(params: &Params, dtype: Dtype, gpus: &[GpuInfo]) -> Result<()
     let ranges = model::stage_layers(params.n_layers_usize(), n);
     for (s, (gpu, layers)) in gpus.iter().zip(&ranges).enumerate() {
         let (first, last) = (s == 0, s + 1 == n);
-        let need = model::stage_build_bytes(params, dtype, layers, last)
-            + model::scratch_bytes_per_nonce(params, dtype, first, last)
-            + RESERVE_BYTES;
+        let build = model::stage_build_bytes(params, dtype, layers, last);
+        let one_nonce = model::scratch_bytes_per_nonce(params, dtype, first, last);
+        let need = build + one_nonce + RESERVE_BYTES;
         if need > gpu.total_bytes {
             return Err(BackendError::OutOfMemory(format!(
-                "params: this model needs {:.1} GiB on {} ({} of its {} layers in {}{}), \
-                 which has {:.1} GiB",
+                "params: this model needs {:.1} GiB on {} ({} of its {} layers in {}{}: \
+                 {:.1} GiB to build, {:.2} GiB of working memory for one nonce from seq_len {} \
+                 with dim {} and the FFN hidden size {}), which has {:.1} GiB",
                 need as f64 / GIB,
                 gpu.device_name(),
                 layers.len(),
@@ -102,6 +135,11 @@ pub fn check_group(params: &Params, dtype: Dtype, gpus: &[GpuInfo]) -> Result<()
                 } else {
                     ""
                 },
+                build as f64 / GIB,
+                one_nonce as f64 / GIB,
+                params.seq_len,
+                params.dim,
+                params.ffn_hidden(),
                 gpu.total_bytes as f64 / GIB
             )));
         }
@@ -182,10 +220,10 @@ impl Backend for CudaBackend {
         if batch == 0 {
             return Ok(Vec::new());
         }
-        let mut scratch = m.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        forward::ensure_scratch(m, &mut scratch, batch)?;
-        forward::forward_logits(m, &scratch, inputs, batch, self.graphs)?;
-        forward::logits_to_host(m, &scratch, batch)
+        let mut state = m.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        forward::ensure_scratch(m, &mut state, batch, &self.graph_counters)?;
+        forward::forward_logits(m, &mut state, inputs, batch, self.graphs())?;
+        forward::logits_to_host(m, &state.stages, batch)
     }
 
     fn run_batch(
@@ -200,17 +238,17 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(BatchResult::empty());
         }
-        let mut scratch = m.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        forward::ensure_scratch(m, &mut scratch, n)?;
+        let mut state = m.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        forward::ensure_scratch(m, &mut state, n, &self.graph_counters)?;
         // Queue the forward pass first: the permutations are laid out on the host while the
         // GPUs work.
-        forward::forward_logits(m, &scratch, &batch.inputs, n, self.graphs)?;
+        forward::forward_logits(m, &mut state, &batch.inputs, n, self.graphs())?;
         let vocab = m.params.vocab_usize();
         let mut perm = Vec::with_capacity(n * vocab);
         for p in &batch.permutations {
             perm.extend_from_slice(p);
         }
-        match forward::tail_on_device(m, &scratch, &perm, n, job.r_target, all_distances)? {
+        match forward::tail_on_device(m, &state.stages, &perm, n, job.r_target, all_distances)? {
             TailOutput::All(dist) => Ok(BatchResult::from_distances(
                 batch.nonces,
                 dist,
@@ -328,6 +366,38 @@ mod tests {
             e.contains("dim is 84") && e.contains("multiples of 16"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn one_nonce_of_working_memory_is_part_of_the_check() {
+        // 0.6 GB of f16 weights, and about 3.9 GB of scratch for one nonce of 32768 positions.
+        let p = Params {
+            dim: 4096,
+            n_layers: 1,
+            n_heads: 32,
+            n_kv_heads: 32,
+            vocab_size: 8192,
+            seq_len: 32768,
+            ..Params::default()
+        };
+        let one = model::scratch_bytes_per_nonce(&p, Dtype::F16, true, true);
+        assert!(one > 3 * GB, "{one}");
+        check_group(&p, Dtype::F16, &gpus(&[24])).unwrap();
+        let e = check_group(&p, Dtype::F16, &gpus(&[5])).unwrap_err();
+        assert!(matches!(e, BackendError::OutOfMemory(_)), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("working memory for one nonce from seq_len 32768"),
+            "{text}"
+        );
+        // Without that nonce the model itself would fit.
+        let build = model::stage_build_bytes(&p, Dtype::F16, &(0..1), true);
+        assert!(build + RESERVE_BYTES < 5 * GB, "{build}");
+        // The allocation's sizes are the check's.
+        let sizes = model::ScratchSizes::new(&p, Dtype::F16, 3, true, true);
+        let per = model::ScratchSizes::new(&p, Dtype::F16, 1, true, true).bytes();
+        assert!(sizes.bytes() <= 3 * per && sizes.bytes() > 2 * per);
+        assert_eq!(per, one);
     }
 
     #[test]

@@ -18,6 +18,14 @@
 //! (lda = k) taken transposed (`op(A) = [n, k]`), `B = x^T` is column-major `[k, m]`
 //! (ldb = x_stride) taken as is. `C = op(A) * B` is then `[n, m]`, which is `dst` row-major.
 //!
+//! cuBLASLt documents 32-bit dimensions, and products whose matrices span 2^31 elements or
+//! more are known to fail; PARAMS_V2's w1 and w3 outputs (49152 values a row, 256 rows a
+//! nonce) reach 2^31 elements at 171 nonces. A product any of whose matrices would span
+//! [`MAX_SPAN`] elements or more is enqueued as [`pieces`]: bands of rows (and, for a weight
+//! that alone spans that much, bands of its rows too), each a product of its own below the
+//! limit. Every output element is still one f32 sum over k rounded once; which rows share a
+//! call changes nothing of the arithmetic.
+//!
 //! cudarc's safe `Matmul` rebuilds the descriptors and asks the heuristic on every call (and
 //! uses TF32 for f32). Here a [`Plan`] (descriptor, layouts and the heuristic's algorithm) is
 //! built on the first call of a shape and cached, so a call is one `cublasLtMatmul` enqueue,
@@ -25,10 +33,9 @@
 
 use super::{CudaLibrary, CudaUnavailable};
 use crate::pow::dtype::Dtype;
-use crate::pow::params::Params;
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys;
-use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DriverError};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -141,7 +148,7 @@ pub enum GemmError {
 }
 
 /// The storage dtype's size in bytes.
-fn element_bytes(dtype: Dtype) -> usize {
+pub(crate) fn element_bytes(dtype: Dtype) -> usize {
     match dtype {
         Dtype::F32 => 4,
         Dtype::F16 | Dtype::Bf16 => 2,
@@ -181,6 +188,97 @@ fn alignment(ptr: u64) -> u32 {
     }
 }
 
+/// The bound on the elements one matrix of a single cuBLASLt call may span: each of `x`,
+/// `w` and `dst` spans fewer than this (2^31) in every call.
+pub const MAX_SPAN: usize = 1 << 31;
+
+/// One piece of a product (see [`pieces`]): a product of its own, and where its matrices
+/// start inside the whole product's, in elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    /// Rows `row0 .. row0 + shape.m` of `x` and `dst`, output columns (rows of `w`)
+    /// `col0 .. col0 + shape.n`; `k` and `x_stride` as in the whole product.
+    pub shape: GemmShape,
+    pub row0: usize,
+    pub col0: usize,
+    /// Elements from one row of the piece's output to the next: the whole product's n.
+    pub dst_stride: usize,
+}
+
+impl Piece {
+    /// Where the piece's `x` starts, in elements of `x`.
+    pub fn x_offset(&self) -> usize {
+        self.row0 * self.shape.x_stride
+    }
+
+    /// Where the piece's `w` starts, in elements of `w` (rows of k).
+    pub fn w_offset(&self) -> usize {
+        self.col0 * self.shape.k
+    }
+
+    /// Where the piece's `dst` starts, in elements of `dst`.
+    pub fn dst_offset(&self) -> usize {
+        self.row0 * self.dst_stride + self.col0
+    }
+
+    /// Elements the piece's `x`, `w` and `dst` span.
+    pub fn spans(&self) -> (usize, usize, usize) {
+        let GemmShape {
+            m, n, k, x_stride, ..
+        } = self.shape;
+        ((m - 1) * x_stride + k, n * k, (m - 1) * self.dst_stride + n)
+    }
+}
+
+/// `shape` cut into pieces whose matrices each span fewer than `limit` elements
+/// ([`MAX_SPAN`] for cuBLASLt): bands of whole rows of `x` and `dst`, as many rows a band as
+/// the limit allows; and, only when the weight alone spans `limit` or more, bands of its
+/// rows (output columns) as well. Row-major order of (row band, column band); one piece when
+/// the product fits.
+pub fn pieces(shape: &GemmShape, limit: usize) -> Result<Vec<Piece>, GemmError> {
+    shape.validate()?;
+    let GemmShape {
+        m, n, k, x_stride, ..
+    } = *shape;
+    if shape.is_empty() {
+        return Ok(Vec::new());
+    }
+    if k >= limit {
+        return Err(GemmError::Shape {
+            shape: *shape,
+            reason: format!("one row of k values spans {limit} elements or more"),
+        });
+    }
+    // Columns a band: all of them when the weight fits, else as many rows of w as fit,
+    // rounded down to a multiple of 16 (FP8 products need n a multiple of 16, and so does
+    // every band of one), at least one.
+    let cols = if n.saturating_mul(k) < limit {
+        n
+    } else {
+        ((limit - 1) / k / 16 * 16).max(1)
+    };
+    // Rows a band: (rows - 1) * x_stride + k and (rows - 1) * n + cols below the limit.
+    let by_x = (limit - 1 - k) / x_stride + 1;
+    let by_dst = (limit - 1 - cols) / n + 1;
+    let rows = by_x.min(by_dst).min(m);
+    let mut out = Vec::with_capacity(m.div_ceil(rows) * n.div_ceil(cols));
+    for row0 in (0..m).step_by(rows) {
+        for col0 in (0..n).step_by(cols) {
+            out.push(Piece {
+                shape: GemmShape {
+                    m: rows.min(m - row0),
+                    n: cols.min(n - col0),
+                    ..*shape
+                },
+                row0,
+                col0,
+                dst_stride: n,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// What a plan is built for: the shape, and how aligned the three matrices' addresses are.
 /// cuBLASLt's heuristic assumes 256-byte aligned addresses unless told otherwise, and an
 /// algorithm picked under that assumption may refuse (or misread) a less aligned matrix,
@@ -189,6 +287,9 @@ fn alignment(ptr: u64) -> u32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PlanKey {
     shape: GemmShape,
+    /// ldc: elements from one output row to the next (n, or the whole product's n for a
+    /// piece of a product split by columns).
+    dst_stride: usize,
     /// E4M3 inputs (`w` and `x`) with per-tensor scales, output in the shape's dtype.
     fp8: bool,
     /// Alignment in bytes of `w` (cuBLASLt's A), `x` (B) and `dst` (C and D).
@@ -238,8 +339,8 @@ struct Plan {
     a: Layout,
     /// `x^T`: column-major `[k, m]`, ldb = x_stride.
     b: Layout,
-    /// `dst^T`: column-major `[n, m]`, ldc = n; C and D are the same matrix (beta is 0, so C
-    /// is never read).
+    /// `dst^T`: column-major `[n, m]`, ldc = the key's dst_stride (n unless a piece); C and D
+    /// are the same matrix (beta is 0, so C is never read).
     c: Layout,
     /// The heuristic's first algorithm, copied out of its result.
     algo: sys::cublasLtMatmulAlgo_t,
@@ -313,7 +414,7 @@ impl Plan {
         };
         let a = layout(input_type, k, n, k)?;
         let b = layout(input_type, k, m, x_stride)?;
-        let c = layout(data_type(dtype), n, m, n)?;
+        let c = layout(data_type(dtype), n, m, key.dst_stride)?;
 
         let pref = lt::create_matmul_pref()
             .map(Preference)
@@ -448,6 +549,21 @@ fn set_scales(desc: &MatmulDesc, shape: GemmShape, (a, b): (u64, u64)) -> Result
     Ok(())
 }
 
+/// The device addresses of `piece`'s `(dst, x, w)` inside the whole product's, with `x` and
+/// `w` of `in_elem` bytes an element and `dst` of `out_elem`.
+fn piece_addresses(
+    piece: &Piece,
+    (dst, x, w): (u64, u64, u64),
+    in_elem: usize,
+    out_elem: usize,
+) -> (u64, u64, u64) {
+    (
+        dst + (piece.dst_offset() * out_elem) as u64,
+        x + (piece.x_offset() * in_elem) as u64,
+        w + (piece.w_offset() * in_elem) as u64,
+    )
+}
+
 /// Whether libcublasLt can be loaded. cudarc panics on the first call into a library it
 /// cannot find, so this comes before any call into cuBLASLt.
 fn ensure_library() -> Result<(), GemmError> {
@@ -528,7 +644,8 @@ impl Gemm {
     }
 
     /// Enqueues `dst = x * w^T` on the stream (see the module documentation), rounded to the
-    /// shape's dtype. Products with no output element (m or n is 0) do nothing.
+    /// shape's dtype, in [`pieces`] below [`MAX_SPAN`]. Products with no output element (m or
+    /// n is 0) do nothing.
     ///
     /// Plans (descriptors, layouts, the heuristic's first algorithm) are built on the first
     /// call of a shape and cached.
@@ -538,7 +655,7 @@ impl Gemm {
     /// aligned to the dtype's size, holding at least `m*n`, `(m-1)*x_stride+k` and `n*k`
     /// elements of the dtype, valid until the product has run on the stream; `dst` aliases
     /// neither input.
-    pub unsafe fn linear(
+    pub(crate) unsafe fn linear(
         &self,
         shape: GemmShape,
         dst: u64,
@@ -548,27 +665,33 @@ impl Gemm {
         if shape.is_empty() {
             return Ok(());
         }
-        shape.validate()?;
-        let key = PlanKey {
-            shape,
-            fp8: false,
-            align_w: alignment(w),
-            align_x: alignment(x),
-            align_dst: alignment(dst),
-        };
-        let elem = element_bytes(shape.dtype) as u32;
-        if key.align_w.min(key.align_x).min(key.align_dst) < elem {
-            return Err(GemmError::Shape {
-                shape,
-                reason: format!(
-                    "a pointer is not aligned to the {elem}-byte element \
-                     (dst {dst:#x}, x {x:#x}, w {w:#x})"
-                ),
-            });
+        let elem = element_bytes(shape.dtype);
+        for piece in pieces(&shape, MAX_SPAN)? {
+            let (dst, x, w) = piece_addresses(&piece, (dst, x, w), elem, elem);
+            let key = PlanKey {
+                shape: piece.shape,
+                dst_stride: piece.dst_stride,
+                fp8: false,
+                align_w: alignment(w),
+                align_x: alignment(x),
+                align_dst: alignment(dst),
+            };
+            if key.align_w.min(key.align_x).min(key.align_dst) < elem as u32 {
+                return Err(GemmError::Shape {
+                    shape,
+                    reason: format!(
+                        "a pointer is not aligned to the {elem}-byte element \
+                         (dst {dst:#x}, x {x:#x}, w {w:#x})"
+                    ),
+                });
+            }
+            // SAFETY: the piece's matrices lie inside the caller's (its rows and columns
+            // are inside the whole product's, and its offsets are the whole product's
+            // strides times its first row and column), so the caller's guarantees cover
+            // them; no scales for 16/32-bit inputs.
+            unsafe { self.enqueue(key, dst, x, w, None) }?;
         }
-
-        // SAFETY: forwarded from the caller's guarantees; no scales for 16/32-bit inputs.
-        unsafe { self.enqueue(key, dst, x, w, None) }
+        Ok(())
     }
 
     /// Enqueues `dst = round_T((x_scale * x8) * (w_scale * w8)^T)`: the FP8 (E4M3) path of
@@ -582,7 +705,7 @@ impl Gemm {
     /// # Safety
     /// As [`Gemm::linear`], with `x8` and `w8` holding `m * k` and `n * k` bytes, and the two
     /// scale pointers one f32 each, all valid until the product has run.
-    pub unsafe fn linear_fp8(
+    pub(crate) unsafe fn linear_fp8(
         &self,
         shape: GemmShape,
         dst: u64,
@@ -596,20 +719,27 @@ impl Gemm {
         }
         check_fp8_shape(&shape)?;
         let bad = |reason: String| Err(GemmError::Shape { shape, reason });
-        let key = PlanKey {
-            shape,
-            fp8: true,
-            align_w: alignment(w8),
-            align_x: alignment(x8),
-            align_dst: alignment(dst),
-        };
-        if key.align_w.min(key.align_x) < 16 || key.align_dst < element_bytes(shape.dtype) as u32 {
-            return bad(format!(
-                "FP8 inputs must be 16-byte aligned (dst {dst:#x}, x {x8:#x}, w {w8:#x})"
-            ));
+        let out_elem = element_bytes(shape.dtype);
+        for piece in pieces(&shape, MAX_SPAN)? {
+            let (dst, x8, w8) = piece_addresses(&piece, (dst, x8, w8), 1, out_elem);
+            let key = PlanKey {
+                shape: piece.shape,
+                dst_stride: piece.dst_stride,
+                fp8: true,
+                align_w: alignment(w8),
+                align_x: alignment(x8),
+                align_dst: alignment(dst),
+            };
+            if key.align_w.min(key.align_x) < 16 || key.align_dst < out_elem as u32 {
+                return bad(format!(
+                    "FP8 inputs must be 16-byte aligned (dst {dst:#x}, x {x8:#x}, w {w8:#x})"
+                ));
+            }
+            // SAFETY: as in `linear`, the piece lies inside the caller's matrices, which the
+            // caller's guarantees cover; the scales are per tensor, the same for every piece.
+            unsafe { self.enqueue(key, dst, x8, w8, Some((w_scale, x_scale))) }?;
         }
-        // SAFETY: forwarded from the caller's guarantees.
-        unsafe { self.enqueue(key, dst, x8, w8, Some((w_scale, x_scale))) }
+        Ok(())
     }
 
     /// Build (once) and enqueue the plan of `key`; `scales` are the device pointers of A's
@@ -718,235 +848,6 @@ impl Drop for Gemm {
     }
 }
 
-/// The measured throughput of one product.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct CeilingShape {
-    pub name: String,
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub tflops: f64,
-    pub seconds_per_call: f64,
-}
-
-/// The best throughput cuBLASLt gives on the forward's own products: what a forward could
-/// reach if everything but the products took no time.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Ceiling {
-    /// [`Dtype::as_str`].
-    pub dtype: &'static str,
-    pub shapes: Vec<CeilingShape>,
-    /// FLOP-weighted: total flops of one forward's products / total time.
-    pub tflops: f64,
-}
-
-/// Times `iters` calls of each `(name, m, n, k, count_per_forward)` product on freshly
-/// allocated buffers of small random values, after 3 warm-up calls (which also build the
-/// plan), with CUDA events; then combines them weighted by each product's count in a
-/// forward: `tflops = sum(count * flops) / sum(count * seconds_per_call) / 1e12`.
-/// A product with no work (m, n or k is 0) is listed with zero time and throughput.
-pub fn measure_ceiling(
-    gemm: &Gemm,
-    dtype: Dtype,
-    products: &[(String, usize, usize, usize, usize)],
-    iters: usize,
-) -> Result<Ceiling, GemmError> {
-    let iters = iters.max(1);
-    let mut shapes = Vec::with_capacity(products.len());
-    let mut counts = Vec::with_capacity(products.len());
-    for (seed, (name, m, n, k, count)) in products.iter().enumerate() {
-        let shape = GemmShape {
-            dtype,
-            m: *m,
-            n: *n,
-            k: *k,
-            x_stride: *k,
-        };
-        let seconds = if shape.flops() > 0.0 {
-            time_product(gemm, shape, iters, seed as u64)?
-        } else {
-            0.0
-        };
-        shapes.push(CeilingShape {
-            name: name.clone(),
-            m: *m,
-            n: *n,
-            k: *k,
-            tflops: throughput(shape.flops(), seconds),
-            seconds_per_call: seconds,
-        });
-        counts.push(*count);
-    }
-    Ok(combine(dtype, shapes, &counts))
-}
-
-/// Tera-FLOP/s, 0 where no time was measured.
-fn throughput(flops: f64, seconds: f64) -> f64 {
-    if seconds > 0.0 {
-        flops / seconds / 1e12
-    } else {
-        0.0
-    }
-}
-
-/// The FLOP-weighted ceiling of measured shapes, `counts[i]` calls of `shapes[i]` per forward.
-fn combine(dtype: Dtype, shapes: Vec<CeilingShape>, counts: &[usize]) -> Ceiling {
-    let (flops, seconds) = shapes
-        .iter()
-        .zip(counts)
-        .fold((0.0, 0.0), |(f, s), (shape, &count)| {
-            let per_call = 2.0 * shape.m as f64 * shape.n as f64 * shape.k as f64;
-            (
-                f + count as f64 * per_call,
-                s + count as f64 * shape.seconds_per_call,
-            )
-        });
-    Ceiling {
-        dtype: dtype.as_str(),
-        shapes,
-        tflops: throughput(flops, seconds),
-    }
-}
-
-/// Seconds per call of one product, on fresh buffers.
-fn time_product(gemm: &Gemm, shape: GemmShape, iters: usize, seed: u64) -> Result<f64, GemmError> {
-    let stream = gemm.stream();
-    // Checked: a size that wrapped around would allocate less than the product touches.
-    let elem = element_bytes(shape.dtype);
-    let bytes = |rows: usize, cols: usize| {
-        rows.checked_mul(cols)
-            .and_then(|v| v.checked_mul(elem))
-            .ok_or_else(|| GemmError::Shape {
-                shape,
-                reason: "the buffers' sizes overflow".into(),
-            })
-    };
-    let mut x = stream.alloc_zeros::<u8>(bytes(shape.m, shape.x_stride)?)?;
-    let mut w = stream.alloc_zeros::<u8>(bytes(shape.n, shape.k)?)?;
-    let mut dst = stream.alloc_zeros::<u8>(bytes(shape.m, shape.n)?)?;
-    fill_random(stream, &mut x, shape.dtype, 2 * seed)?;
-    fill_random(stream, &mut w, shape.dtype, 2 * seed + 1)?;
-
-    let (xp, _x_sync) = x.device_ptr(stream);
-    let (wp, _w_sync) = w.device_ptr(stream);
-    let (dp, _dst_sync) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut dst, stream);
-    let run = || {
-        // SAFETY: the three buffers were allocated on this stream for exactly this shape
-        // (x_stride = k), by the allocator (256-byte aligned), are distinct, and outlive the
-        // calls: they are dropped after the end event has been waited for.
-        unsafe { gemm.linear(shape, dp, xp, wp) }
-    };
-    for _ in 0..3 {
-        run()?;
-    }
-    let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-    for _ in 0..iters {
-        run()?;
-    }
-    let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-    // Waits for both events.
-    let ms = start.elapsed_ms(&end)?;
-    Ok(f64::from(ms) / 1e3 / iters as f64)
-}
-
-/// Fills a device buffer with small random values of the dtype (uniform in [-1/8, 1/8),
-/// like weights of this scale): 1 MiB of them copied from the host, then repeated on the
-/// device by doubling, so that filling gigabytes costs no host time. Random rather than
-/// constant data: it draws the power (and clocks) real data does.
-fn fill_random(
-    stream: &Arc<CudaStream>,
-    buf: &mut CudaSlice<u8>,
-    dtype: Dtype,
-    seed: u64,
-) -> Result<(), DriverError> {
-    const PATTERN_BYTES: usize = 1 << 20;
-    let len = buf.len();
-    let elem = element_bytes(dtype);
-    let head = len.min(PATTERN_BYTES) / elem * elem;
-    if head == 0 {
-        return Ok(());
-    }
-    let mut rng = crate::splitmix::SplitMix64(seed);
-    let values: Vec<f32> = (0..head / elem)
-        .map(|_| dtype.round((rng.unit() - 0.5) as f32 * 0.25))
-        .collect();
-    let pattern = encode(dtype, &values);
-    stream.memcpy_htod(&pattern, &mut buf.slice_mut(0..head))?;
-    let mut filled = head;
-    while filled < len {
-        let n = filled.min(len - filled);
-        let (src, mut dst) = buf.split_at_mut(filled);
-        stream.memcpy_dtod(&src.slice(0..n), &mut dst.slice_mut(0..n))?;
-        filled += n;
-    }
-    Ok(())
-}
-
-/// The little-endian bytes of values of the dtype (each already representable in it, or
-/// rounded to nearest even).
-fn encode(dtype: Dtype, values: &[f32]) -> Vec<u8> {
-    match dtype {
-        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Dtype::F16 => values
-            .iter()
-            .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
-            .collect(),
-        Dtype::Bf16 => values
-            .iter()
-            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
-            .collect(),
-    }
-}
-
-/// The products of one forward pass of `batch` nonces, as `(name, m, n, k, count)`.
-///
-/// Per layer: the projections q, k, v (`m = batch*seq`, `n = heads*head_dim` or
-/// `kv_heads*head_dim`, `k = dim`), o (`n = dim`, `k = heads*head_dim`), the FFN's w1 and w3
-/// (`n = hidden`, `k = dim`) and w2 (`n = dim`, `k = hidden`). The last layer only needs the
-/// last position's output, so its q, o and FFN products have `m = batch` (the `*_last`
-/// entries); its k and v still cover every position (attention reads them all). Then the
-/// output projection of the last positions (`m = batch`, `n = vocab`, `k = dim`).
-/// Entries that occur 0 times (the full-sequence ones of a 1-layer model) are left out.
-pub fn forward_products(
-    params: &Params,
-    batch: usize,
-) -> Vec<(String, usize, usize, usize, usize)> {
-    let dim = params.dim_usize();
-    let q_out = params.n_heads_usize() * params.head_dim();
-    let kv_out = params.n_kv_heads_usize() * params.head_dim();
-    let hidden = params.ffn_hidden();
-    let layers = params.n_layers_usize();
-    let full = batch * params.seq_len_usize();
-
-    // (name, n, k, whether the last layer computes only the last position)
-    let per_layer = [
-        ("q", q_out, dim, true),
-        ("k", kv_out, dim, false),
-        ("v", kv_out, dim, false),
-        ("o", dim, q_out, true),
-        ("w1", hidden, dim, true),
-        ("w3", hidden, dim, true),
-        ("w2", dim, hidden, true),
-    ];
-    let mut products = Vec::with_capacity(2 * per_layer.len() + 1);
-    for &(name, n, k, last_position_only) in &per_layer {
-        let count = if last_position_only {
-            layers.saturating_sub(1)
-        } else {
-            layers
-        };
-        products.push((name.to_string(), full, n, k, count));
-    }
-    for &(name, n, k, last_position_only) in &per_layer {
-        if last_position_only && layers > 0 {
-            products.push((format!("{name}_last"), batch, n, k, 1));
-        }
-    }
-    products.push(("output".to_string(), batch, params.vocab_usize(), dim, 1));
-    products.retain(|p| p.4 > 0);
-    products
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -974,93 +875,10 @@ mod tests {
         let e = check_fp8_shape(&shape(Dtype::F16, 32, 32, 64)).unwrap_err();
         assert!(e.to_string().contains("contiguous"), "{e}");
     }
+    use crate::backend::cuda::ceiling::encode;
     use crate::backend::cuda::cuda_available;
     use crate::pow::dtype::round_f64_via_f32;
     use cudarc::driver::CudaContext;
-
-    type Product = (String, usize, usize, usize, usize);
-
-    fn total_flops(products: &[Product]) -> f64 {
-        products
-            .iter()
-            .map(|&(_, m, n, k, count)| count as f64 * 2.0 * m as f64 * n as f64 * k as f64)
-            .sum()
-    }
-
-    #[test]
-    fn forward_products_of_v2() {
-        let p = Params::v2();
-        assert_eq!(
-            (
-                p.dim_usize(),
-                p.head_dim(),
-                p.ffn_hidden(),
-                p.seq_len_usize()
-            ),
-            (1792, 28, 49152, 256)
-        );
-        let products = forward_products(&p, 1);
-        let names: Vec<&str> = products.iter().map(|p| p.0.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "q", "k", "v", "o", "w1", "w3", "w2", "q_last", "o_last", "w1_last", "w3_last",
-                "w2_last", "output"
-            ]
-        );
-        assert!(products.contains(&("q".into(), 256, 1792, 1792, 63)));
-        assert!(products.contains(&("k".into(), 256, 1792, 1792, 64)));
-        assert!(products.contains(&("w2_last".into(), 1, 1792, 49152, 1)));
-        assert!(products.contains(&("output".into(), 1, 8196, 1792, 1)));
-
-        // By hand: q, k, v, o are [1792, 1792]; w1, w3, w2 are [1792, 49152] (or its
-        // transpose). 63 full layers of all seven, k and v full in the 64th, the 64th's q, o
-        // and FFN on the last position only, and the output head on it. Every partial sum is
-        // an integer below 2^53, so f64 is exact and the order of the sum does not matter.
-        let attn = 1792.0 * 1792.0;
-        let ffn = 1792.0 * 49152.0;
-        let expected = 2.0 * 256.0 * (63.0 * (4.0 * attn + 3.0 * ffn) + 2.0 * attn)
-            + 2.0 * (2.0 * attn + 3.0 * ffn)
-            + 2.0 * 8196.0 * 1792.0;
-        assert_eq!(total_flops(&products), expected);
-
-        // Every layer on every position (what DESIGN quotes, ~9.1 TFLOP per nonce): the
-        // `_last` entries scaled back to the whole sequence.
-        let all_full: Vec<Product> = products
-            .iter()
-            .map(|(name, m, n, k, c)| {
-                let m = if name.ends_with("_last") { m * 256 } else { *m };
-                (name.clone(), m, *n, *k, *c)
-            })
-            .collect();
-        let full = total_flops(&all_full);
-        assert_eq!(
-            full,
-            2.0 * 256.0 * 64.0 * (4.0 * attn + 3.0 * ffn) + 2.0 * 8196.0 * 1792.0
-        );
-        assert!(9.0e12 < full && full < 9.2e12, "{full:e}");
-
-        // Linear in the batch.
-        assert_eq!(total_flops(&forward_products(&p, 4)), 4.0 * expected);
-    }
-
-    #[test]
-    fn forward_products_of_one_layer_leave_out_empty_entries() {
-        let p = Params {
-            n_layers: 1,
-            n_kv_heads: 16,
-            ..Params::v2()
-        };
-        let products = forward_products(&p, 2);
-        let names: Vec<&str> = products.iter().map(|p| p.0.as_str()).collect();
-        assert_eq!(
-            names,
-            ["k", "v", "q_last", "o_last", "w1_last", "w3_last", "w2_last", "output"]
-        );
-        // Grouped-query attention: k and v are narrower than q.
-        assert!(products.contains(&("k".into(), 512, 16 * 28, 1792, 1)));
-        assert!(products.contains(&("q_last".into(), 2, 1792, 1792, 1)));
-    }
 
     #[test]
     fn shapes_are_validated_and_named() {
@@ -1116,6 +934,160 @@ mod tests {
         assert!(text.contains("NOT_SUPPORTED"), "{text}");
     }
 
+    /// The CPU twin of one piece: each output element one f32 sum over k in order, rounded
+    /// to the dtype, read and written through the piece's own offsets and strides (as the GPU
+    /// path addresses them), inside slices of exactly the piece's spans.
+    fn twin(dtype: Dtype, piece: &Piece, x: &[f32], w: &[f32], dst: &mut [f32]) {
+        let (x_span, w_span, dst_span) = piece.spans();
+        let x = &x[piece.x_offset()..piece.x_offset() + x_span];
+        let w = &w[piece.w_offset()..piece.w_offset() + w_span];
+        let dst = &mut dst[piece.dst_offset()..piece.dst_offset() + dst_span];
+        let GemmShape {
+            m, n, k, x_stride, ..
+        } = piece.shape;
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0f32;
+                for l in 0..k {
+                    acc += x[i * x_stride + l] * w[j * k + l];
+                }
+                dst[i * piece.dst_stride + j] = dtype.round(acc);
+            }
+        }
+    }
+
+    fn product_by_pieces(
+        dtype: Dtype,
+        shape: &GemmShape,
+        limit: usize,
+        x: &[f32],
+        w: &[f32],
+    ) -> Vec<f32> {
+        let mut dst = vec![f32::NAN; shape.m * shape.n];
+        let pieces = pieces(shape, limit).unwrap();
+        for p in &pieces {
+            let (a, b, c) = p.spans();
+            assert!(
+                a < limit && b < limit && c < limit,
+                "{p:?} spans {a}, {b}, {c}"
+            );
+        }
+        for p in pieces {
+            twin(dtype, &p, x, w, &mut dst);
+        }
+        dst
+    }
+
+    #[test]
+    fn split_products_give_the_unsplit_products_bits() {
+        let mut rng = crate::splitmix::SplitMix64(11);
+        let mut split = 0;
+        for case in 0..400 {
+            let dtype = Dtype::ALL[case % 3];
+            let m = 1 + (rng.next_u64() % 23) as usize;
+            let n = 1 + (rng.next_u64() % 40) as usize;
+            let k = 1 + (rng.next_u64() % 9) as usize;
+            let x_stride = k + (rng.next_u64() % 3) as usize * 5;
+            let limit = k + 1 + (rng.next_u64() % 300) as usize;
+            let shape = GemmShape {
+                dtype,
+                m,
+                n,
+                k,
+                x_stride,
+            };
+            let value = |r: &mut crate::splitmix::SplitMix64| dtype.round((r.unit() - 0.5) as f32);
+            let x: Vec<f32> = (0..(m - 1) * x_stride + k)
+                .map(|_| value(&mut rng))
+                .collect();
+            let w: Vec<f32> = (0..n * k).map(|_| value(&mut rng)).collect();
+            let whole = product_by_pieces(dtype, &shape, usize::MAX, &x, &w);
+            assert_eq!(pieces(&shape, usize::MAX).unwrap().len(), 1);
+            let parts = product_by_pieces(dtype, &shape, limit, &x, &w);
+            assert!(
+                parts.iter().all(|v| !v.is_nan()),
+                "{shape} limit {limit}: unwritten"
+            );
+            assert_eq!(
+                whole.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                parts.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{shape} limit {limit}"
+            );
+            split += usize::from(pieces(&shape, limit).unwrap().len() > 1);
+        }
+        // Most cases were really cut, by rows and by columns.
+        assert!(split > 200, "{split}");
+        let by_columns = pieces(
+            &GemmShape {
+                dtype: Dtype::F16,
+                m: 3,
+                n: 40,
+                k: 2,
+                x_stride: 2,
+            },
+            50,
+        )
+        .unwrap();
+        assert!(by_columns.iter().any(|p| p.col0 > 0), "{by_columns:?}");
+        assert!(by_columns
+            .iter()
+            .all(|p| p.shape.n % 16 == 0 || p.col0 + p.shape.n == 40));
+    }
+
+    #[test]
+    fn v2_ffn_products_split_into_row_bands_below_2_31() {
+        let p = crate::pow::params::Params::v2();
+        let (dim, hidden, seq) = (p.dim_usize(), p.ffn_hidden(), p.seq_len_usize());
+        let w1 = |batch: usize| GemmShape {
+            dtype: Dtype::F16,
+            m: batch * seq,
+            n: hidden,
+            k: dim,
+            x_stride: dim,
+        };
+        // Up to 170 nonces the output spans fewer than 2^31 elements: one call.
+        assert!(170 * seq * hidden < MAX_SPAN && 171 * seq * hidden >= MAX_SPAN);
+        assert_eq!(pieces(&w1(170), MAX_SPAN).unwrap().len(), 1);
+        // From 171 nonces on, bands of 43,690 rows (170.7 nonces), whole rows each.
+        for batch in [171, 342, 512] {
+            let shape = w1(batch);
+            let bands = pieces(&shape, MAX_SPAN).unwrap();
+            assert_eq!(bands.len(), (batch * seq).div_ceil(43_690), "batch {batch}");
+            let mut next = 0;
+            for b in &bands {
+                assert_eq!((b.row0, b.col0, b.shape.n), (next, 0, hidden));
+                let (x, w, dst) = b.spans();
+                assert!(x < MAX_SPAN && w < MAX_SPAN && dst < MAX_SPAN, "{b:?}");
+                next += b.shape.m;
+            }
+            assert_eq!(next, batch * seq);
+        }
+        // w2 reads the FFN's widest input: its x spans hidden values a row.
+        let w2 = GemmShape {
+            dtype: Dtype::F16,
+            m: 342 * seq,
+            n: dim,
+            k: hidden,
+            x_stride: hidden,
+        };
+        let bands = pieces(&w2, MAX_SPAN).unwrap();
+        assert_eq!(bands.len(), 3);
+        assert!(bands.iter().all(|b| b.spans().0 < MAX_SPAN));
+        // A weight that alone spans 2^31 elements is cut by its rows, in multiples of 16.
+        let huge = GemmShape {
+            dtype: Dtype::Bf16,
+            m: 4,
+            n: 1 << 17,
+            k: 1 << 14,
+            x_stride: 1 << 14,
+        };
+        let bands = pieces(&huge, MAX_SPAN).unwrap();
+        assert!(bands.len() >= 2);
+        assert!(bands
+            .iter()
+            .all(|b| b.shape.n % 16 == 0 && b.spans().1 < MAX_SPAN));
+    }
+
     #[test]
     fn alignments() {
         assert_eq!(alignment(0), 256);
@@ -1125,38 +1097,6 @@ mod tests {
         assert_eq!(alignment(0x7f00_0000_0001), 1);
     }
 
-    #[test]
-    fn ceiling_is_flop_weighted() {
-        let shape = |name: &str, m, n, k, seconds| CeilingShape {
-            name: name.into(),
-            m,
-            n,
-            k,
-            tflops: throughput(2.0 * (m * n * k) as f64, seconds),
-            seconds_per_call: seconds,
-        };
-        // 2e12 flops in 1 s (2 TFLOP/s) counted 3 times, 2e12 flops in 4 s counted once:
-        // 8e12 flops in 7 s.
-        let shapes = vec![
-            shape("fast", 1000, 1000, 1_000_000, 1.0),
-            shape("slow", 1000, 1000, 1_000_000, 4.0),
-        ];
-        assert_eq!(shapes[0].tflops, 2.0);
-        let c = combine(Dtype::Bf16, shapes, &[3, 1]);
-        assert_eq!(c.dtype, "bf16");
-        assert!((c.tflops - 8.0 / 7.0).abs() < 1e-12, "{}", c.tflops);
-        assert_eq!(combine(Dtype::F32, Vec::new(), &[]).tflops, 0.0);
-    }
-
-    #[test]
-    fn encode_writes_the_dtype_bits() {
-        assert_eq!(encode(Dtype::F32, &[1.0]), 1.0f32.to_le_bytes());
-        assert_eq!(encode(Dtype::F16, &[1.0, -2.0]), [0x00, 0x3C, 0x00, 0xC0]);
-        assert_eq!(encode(Dtype::Bf16, &[1.0]), [0x80, 0x3F]);
-    }
-
-    /// Without libcublasLt, making a `Gemm` is an error, not cudarc's panic. (`Gemm::new`
-    /// needs a stream, so a GPU; its first step is this check, tested here on its own.)
     #[test]
     fn missing_library_is_an_error() {
         if CudaLibrary::CublasLt.is_present() {
@@ -1344,26 +1284,5 @@ mod tests {
         };
         assert!(matches!(err, Err(GemmError::Shape { .. })));
         eprintln!("{gemm:?}");
-    }
-
-    #[test]
-    fn ceiling_on_the_gpu() {
-        if let Err(why) = cuda_available() {
-            eprintln!("skipped: {why}");
-            return;
-        }
-        let ctx = CudaContext::new(0).unwrap();
-        let gemm = Gemm::new(ctx.default_stream()).unwrap();
-        let products = vec![
-            ("a".to_string(), 256, 1792, 1792, 3),
-            ("b".to_string(), 256, 4096, 1792, 1),
-            ("empty".to_string(), 0, 4096, 1792, 1),
-        ];
-        let c = measure_ceiling(&gemm, Dtype::Bf16, &products, 5).unwrap();
-        assert_eq!(c.shapes.len(), 3);
-        assert!(c.tflops > 0.0 && c.tflops.is_finite(), "{c:?}");
-        assert!(c.shapes[0].seconds_per_call > 0.0, "{c:?}");
-        assert_eq!(c.shapes[2].seconds_per_call, 0.0);
-        eprintln!("{}", serde_json::to_string(&c).unwrap());
     }
 }

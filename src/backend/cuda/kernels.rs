@@ -236,6 +236,16 @@ fn c_chars_to_string(buf: &[c_char]) -> String {
 
 /// Compile one family to a CUBIN for `arch` (e.g. `sm_90`).
 pub fn compile_cubin(family: Family, arch: &str) -> Result<Vec<u8>, KernelError> {
+    compile_with(family, arch, &[]).map(|(cubin, _log)| cubin)
+}
+
+/// [`compile_cubin`] with `extra` NVRTC options after [`compile_options`]; the CUBIN and
+/// NVRTC's log (where `-Xptxas=-v` puts each kernel's registers and stack frame).
+pub fn compile_with(
+    family: Family,
+    arch: &str,
+    extra: &[&str],
+) -> Result<(Vec<u8>, String), KernelError> {
     if !CudaLibrary::Nvrtc.is_present() {
         return Err(KernelError::LibraryMissing(CudaLibrary::Nvrtc));
     }
@@ -250,7 +260,8 @@ pub fn compile_cubin(family: Family, arch: &str) -> Result<Vec<u8>, KernelError>
     })?;
     let name = CString::new(file).expect("kernel file names have no NUL");
     let prog = Program(nvrtc_result::create_program(&src, Some(&name)).map_err(nvrtc_err)?);
-    let options = compile_options(arch);
+    let mut options = compile_options(arch);
+    options.extend(extra.iter().map(|o| o.to_string()));
     // SAFETY: prog.0 is a live program (destroyed only when `prog` drops, after its last
     // use below); `src` and `name`, which it may point into, outlive it.
     if let Err(e) = unsafe { nvrtc_result::compile_program(prog.0, &options) } {
@@ -282,7 +293,11 @@ pub fn compile_cubin(family: Family, arch: &str) -> Result<Vec<u8>, KernelError>
             error: format!("no CUBIN for {arch} (is it a real architecture, sm_XX?)"),
         });
     }
-    Ok(cubin)
+    // SAFETY: as above; the log of the compiled program.
+    let log = unsafe { nvrtc_result::get_program_log(prog.0) }
+        .map(|l| c_chars_to_string(&l))
+        .unwrap_or_default();
+    Ok((cubin, log))
 }
 
 /// NVRTC's version, when the library is present.
@@ -562,6 +577,42 @@ mod compile_tests {
     //! NVRTC needs no GPU: where the library is present, every family must compile for the
     //! architectures the server supports.
     use super::*;
+
+    /// The stack frame ptxas reports for `kernel` in a `-Xptxas=-v` log, in bytes.
+    fn stack_frame(log: &str, kernel: &str) -> Option<usize> {
+        let mut lines = log.lines();
+        lines.find(|l| l.ends_with(&format!("Function properties for {kernel}")))?;
+        let props = lines.next()?;
+        let bytes = props.split("bytes stack frame").next()?;
+        bytes
+            .trim()
+            .trim_start_matches(['p', 't', 'x', 'a', 's', ' ', '.'])
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    #[test]
+    fn the_distance_kernels_stack_frame_stays_small() {
+        if !CudaLibrary::Nvrtc.is_present() {
+            eprintln!("skipped: libnvrtc.so.13 is not on this machine's library path");
+            return;
+        }
+        // One thread per nonce holds the pairwise sums' explicit stacks (f32 and f64): a
+        // large frame costs local memory per resident thread.
+        let (_, log) = compile_with(Family::Tail, "sm_90", &["-Xptxas=-v"]).unwrap();
+        let frame = stack_frame(&log, "tail_distance")
+            .unwrap_or_else(|| panic!("no stack frame for tail_distance in:\n{log}"));
+        eprintln!("tail_distance on sm_90: {frame} bytes of stack frame");
+        assert!(frame <= 512, "{frame} bytes");
+        assert_eq!(
+            stack_frame(
+                "ptxas info : Function properties for k\nptxas . 440 bytes stack frame, 0",
+                "k"
+            ),
+            Some(440)
+        );
+    }
 
     #[test]
     fn every_family_compiles_where_nvrtc_is_present() {

@@ -11,15 +11,17 @@
 //! one also holds the final norm, the output projection and the tail.
 
 use super::forward::SendGraph;
-use super::gpu::{storage_bytes, DevBuf, Gpu};
-use super::launch::{elementwise, fp8, weights as fill};
+use super::gpu::{storage_bytes, DevBuf, Elem, Gpu};
+use super::graphs::GraphBook;
+use super::launch::fp8::E4m3Out;
+use super::launch::weights::fill;
+use super::launch::{elementwise, fp8};
 use crate::backend::cpu::RopeTable;
 use crate::backend::BackendError;
 use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
 use crate::pow::proof;
 use crate::pow::weights::{self, name_hash, param_specs, ParamKind, ParamSpec, PoolSlice};
-use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -69,7 +71,8 @@ pub struct GpuLayer {
 #[derive(Debug)]
 pub struct Head {
     pub norm: DevBuf,
-    pub output: DevBuf,
+    /// The output projection, always in the model dtype (see [`is_block_linear`]).
+    pub output: Weight,
     /// The unit target vector (f64, vocab values).
     pub target: DevBuf,
 }
@@ -93,9 +96,23 @@ pub struct GpuModel {
     pub dtype: Dtype,
     pub block_hash: String,
     pub stages: Vec<Stage>,
-    /// Scratch buffers, one set per stage, grown to the largest batch seen. One batch at a
-    /// time runs on a model (its worker's), the lock only makes that explicit.
-    pub scratch: Mutex<Vec<StageScratch>>,
+    /// Scratch buffers, one set per stage, grown to the largest batch seen, and the CUDA
+    /// graphs captured on them. One batch at a time runs on a model (its worker's), the lock
+    /// only makes that explicit.
+    pub scratch: Mutex<ForwardState>,
+}
+
+/// What the forward pass of a model keeps from batch to batch.
+#[derive(Debug, Default)]
+pub struct ForwardState {
+    /// One set per stage (empty until the first batch).
+    pub stages: Vec<StageScratch>,
+    /// Graphs of the single-GPU launch sequence, per batch size; they hold the scratch
+    /// buffers' addresses, so they are dropped before the buffers are reallocated.
+    pub graphs: GraphBook<SendGraph>,
+    /// Groups of several GPUs: per stage but the last, one event per micro-batch, recorded
+    /// when the stage has computed it (see `pipeline.rs`).
+    pub events: Vec<Vec<cudarc::driver::CudaEvent>>,
 }
 
 /// The consecutive layer ranges of `n_gpus` stages: as equal as possible, the first stages
@@ -179,31 +196,115 @@ pub fn stage_build_bytes(params: &Params, dtype: Dtype, layers: &Range<usize>, l
     stage_weight_bytes(params, dtype, layers, last) + pool * elem + staging + fp8_transit
 }
 
-/// Device bytes one nonce of a batch takes in the scratch buffers of a stage.
+/// Device bytes one nonce of a batch takes in the scratch buffers of a stage: what
+/// [`StageScratch::new`] allocates for a capacity of one ([`ScratchSizes`]; the few
+/// fixed-size buffers are counted with it).
 pub fn scratch_bytes_per_nonce(params: &Params, dtype: Dtype, first: bool, last: bool) -> u64 {
-    let e = storage_bytes(dtype) as u64;
-    let seq = params.seq_len_usize() as u64;
-    let dim = params.dim_usize() as u64;
-    let hd = params.head_dim() as u64;
-    let qw = params.n_heads_usize() as u64 * hd;
-    let kvw = params.n_kv_heads_usize() as u64 * hd;
-    let hidden = params.ffn_hidden() as u64;
-    let vocab = params.vocab_usize() as u64;
-    // x, xn, tmp (seq rows of dim), q, att (of q_width), k, v (of kv_width), h1, h3
-    // (hidden), the compacted last row.
-    let mut bytes = e * (seq * (3 * dim + 2 * qw + 2 * kvw + 2 * hidden) + dim);
-    if params.use_fp8 {
-        // The quantised activations of the widest product input.
-        bytes += seq * dim.max(qw).max(hidden);
+    ScratchSizes::new(params, dtype, 1, first, last).bytes()
+}
+
+/// One device buffer's element size and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufSize {
+    pub elem: Elem,
+    pub len: usize,
+}
+
+impl BufSize {
+    pub fn bytes(self) -> u64 {
+        self.elem.bytes() as u64 * self.len as u64
     }
-    if first {
-        bytes += 4 * seq * dim; // the f32 inputs as they arrive
+}
+
+/// The sizes of one stage's scratch buffers for `capacity` nonces: what [`StageScratch::new`]
+/// allocates and what the memory check and batch cap count ([`scratch_bytes_per_nonce`]),
+/// from this one place so that they cannot disagree.
+#[derive(Debug, Clone, Copy)]
+pub struct ScratchSizes {
+    /// x, xn, tmp (rows of dim), q, att (of q_width), k, v (of kv_width), h1, h3 (hidden):
+    /// in the dtype.
+    pub x: BufSize,
+    pub xn: BufSize,
+    pub q: BufSize,
+    pub k: BufSize,
+    pub v: BufSize,
+    pub att: BufSize,
+    pub tmp: BufSize,
+    pub h1: BufSize,
+    pub h3: BufSize,
+    /// The compacted last row of each nonce.
+    pub xl: BufSize,
+    /// First stage: the f32 inputs as they arrive.
+    pub inputs: Option<BufSize>,
+    /// Last stage: logits (dtype and f32), permutations (i64), gathered o (f32), distances
+    /// (f64), the proof count (i32), their indices (i32) and distances (f64).
+    pub tail: Option<[BufSize; 8]>,
+    /// FP8 models: the quantised activations of the widest product input (one byte each),
+    /// their amax and scale (one f32 each).
+    pub fp8: Option<[BufSize; 3]>,
+}
+
+impl ScratchSizes {
+    pub fn new(params: &Params, dtype: Dtype, capacity: usize, first: bool, last: bool) -> Self {
+        let m = capacity * params.seq_len_usize();
+        let dim = params.dim_usize();
+        let hd = params.head_dim();
+        let qw = params.n_heads_usize() * hd;
+        let kvw = params.n_kv_heads_usize() * hd;
+        let hidden = params.ffn_hidden();
+        let vocab = params.vocab_usize();
+        let t = |len: usize| BufSize {
+            elem: Elem::storage(dtype),
+            len,
+        };
+        let b = |elem: Elem, len: usize| BufSize { elem, len };
+        ScratchSizes {
+            x: t(m * dim),
+            xn: t(m * dim),
+            q: t(m * qw),
+            k: t(m * kvw),
+            v: t(m * kvw),
+            att: t(m * qw),
+            tmp: t(m * dim),
+            h1: t(m * hidden),
+            h3: t(m * hidden),
+            xl: t(capacity * dim),
+            inputs: first.then(|| b(Elem::F32, m * dim)),
+            tail: last.then(|| {
+                [
+                    t(capacity * vocab),
+                    b(Elem::F32, capacity * vocab),
+                    b(Elem::I64, capacity * vocab),
+                    b(Elem::F32, capacity * vocab),
+                    b(Elem::F64, capacity),
+                    b(Elem::I32, 1),
+                    b(Elem::I32, capacity),
+                    b(Elem::F64, capacity),
+                ]
+            }),
+            fp8: params.use_fp8.then(|| {
+                [
+                    b(Elem::E4M3, m * dim.max(qw).max(hidden)),
+                    b(Elem::U32, 1),
+                    b(Elem::F32, 1),
+                ]
+            }),
+        }
     }
-    if last {
-        // logits (dtype and f32), permutation (i64), gathered o (f32), distance, filter
-        bytes += vocab * (e + 4 + 8 + 4) + 8 + 4 + 8;
+
+    /// Every buffer's bytes, added up.
+    pub fn bytes(&self) -> u64 {
+        let fixed = [
+            self.x, self.xn, self.q, self.k, self.v, self.att, self.tmp, self.h1, self.h3, self.xl,
+        ];
+        fixed
+            .iter()
+            .chain(self.inputs.iter())
+            .chain(self.tail.iter().flatten())
+            .chain(self.fp8.iter().flatten())
+            .map(|b| b.bytes())
+            .sum()
     }
-    bytes
 }
 
 /// Scratch buffers of one stage, for up to `capacity` nonces.
@@ -227,9 +328,6 @@ pub struct StageScratch {
     pub tail: Option<TailScratch>,
     /// FP8 models: the quantised activations of a product.
     pub fp8: Option<Fp8Scratch>,
-    /// Captured launch sequences per batch size (None: capture failed, run directly); they
-    /// hold these buffers' addresses, so they live and die with them.
-    pub graphs: Mutex<HashMap<usize, Option<SendGraph>>>,
 }
 
 /// Where a product's input is quantised to E4M3 (FP8 models).
@@ -271,56 +369,45 @@ impl StageScratch {
         first: bool,
         last: bool,
     ) -> Result<Self, BackendError> {
-        let m = capacity * params.seq_len_usize();
-        let dim = params.dim_usize();
-        let hd = params.head_dim();
-        let qw = params.n_heads_usize() * hd;
-        let kvw = params.n_kv_heads_usize() * hd;
-        let hidden = params.ffn_hidden();
-        let vocab = params.vocab_usize();
-        let t = |n: usize| gpu.alloc_dtype(dtype, n);
-        let tail = if last {
-            Some(TailScratch {
-                logits: t(capacity * vocab)?,
-                logits_f32: gpu.alloc(4, capacity * vocab)?,
-                perm: gpu.alloc(8, capacity * vocab)?,
-                o: gpu.alloc(4, capacity * vocab)?,
-                dist: gpu.alloc(8, capacity)?,
-                count: gpu.alloc(4, 1)?,
-                index: gpu.alloc(4, capacity)?,
-                valid_dist: gpu.alloc(8, capacity)?,
-            })
-        } else {
-            None
+        let z = ScratchSizes::new(params, dtype, capacity, first, last);
+        let a = |b: BufSize| gpu.alloc(b.elem, b.len);
+        let tail = match z.tail {
+            Some([logits, logits_f32, perm, o, dist, count, index, valid_dist]) => {
+                Some(TailScratch {
+                    logits: a(logits)?,
+                    logits_f32: a(logits_f32)?,
+                    perm: a(perm)?,
+                    o: a(o)?,
+                    dist: a(dist)?,
+                    count: a(count)?,
+                    index: a(index)?,
+                    valid_dist: a(valid_dist)?,
+                })
+            }
+            None => None,
         };
         Ok(StageScratch {
             capacity,
-            x: t(m * dim)?,
-            xn: t(m * dim)?,
-            q: t(m * qw)?,
-            k: t(m * kvw)?,
-            v: t(m * kvw)?,
-            att: t(m * qw)?,
-            tmp: t(m * dim)?,
-            h1: t(m * hidden)?,
-            h3: t(m * hidden)?,
-            xl: t(capacity * dim)?,
-            inputs: if first {
-                Some(gpu.alloc(4, m * dim)?)
-            } else {
-                None
-            },
+            x: a(z.x)?,
+            xn: a(z.xn)?,
+            q: a(z.q)?,
+            k: a(z.k)?,
+            v: a(z.v)?,
+            att: a(z.att)?,
+            tmp: a(z.tmp)?,
+            h1: a(z.h1)?,
+            h3: a(z.h3)?,
+            xl: a(z.xl)?,
+            inputs: z.inputs.map(a).transpose()?,
             tail,
-            fp8: if params.use_fp8 {
-                Some(Fp8Scratch {
-                    x8: gpu.alloc(1, m * dim.max(qw).max(hidden))?,
-                    amax: gpu.alloc(4, 1)?,
-                    x_scale: gpu.alloc(4, 1)?,
-                })
-            } else {
-                None
+            fp8: match z.fp8 {
+                Some([x8, amax, x_scale]) => Some(Fp8Scratch {
+                    x8: a(x8)?,
+                    amax: a(amax)?,
+                    x_scale: a(x_scale)?,
+                }),
+                None => None,
             },
-            graphs: Mutex::new(HashMap::new()),
         })
     }
 }
@@ -381,7 +468,7 @@ impl GpuModel {
                 &target,
             )?);
         }
-        let scratch = Mutex::new(Vec::new());
+        let scratch = Mutex::new(ForwardState::default());
         Ok(GpuModel {
             params: params.clone(),
             dtype,
@@ -426,7 +513,7 @@ impl GpuModel {
                 .iter()
                 .enumerate()
                 .map(|(i, _)| {
-                    scratch.get(i).map_or(0, |s| {
+                    scratch.stages.get(i).map_or(0, |s| {
                         s.capacity as u64
                             * scratch_bytes_per_nonce(
                                 &self.params,
@@ -485,18 +572,14 @@ fn build_stage(
             spec.numel(),
             pool.len() as u64,
         );
-        fill::fill(
-            gpu,
-            dtype,
-            dev_pool.ptr(),
-            pool.len(),
-            slice,
-            buf.ptr(),
-            numel,
-        )?;
+        fill(gpu, dtype, dev_pool.view(), slice, buf.view(), numel)?;
         Ok(buf)
     };
-    let fp8_amax = if fp8 { Some(gpu.alloc(4, 1)?) } else { None };
+    let fp8_amax = if fp8 {
+        Some(gpu.alloc(Elem::U32, 1)?)
+    } else {
+        None
+    };
     let linear = |spec: &ParamSpec| -> Result<Weight, BackendError> {
         let dense = make(spec)?;
         let Some(amax) = &fp8_amax else {
@@ -505,20 +588,14 @@ fn build_stage(
         // Quantised from the dtype's values; the dense copy is freed (in stream order,
         // after the quantisation has read it) when it drops here.
         let numel = spec.numel() as usize;
-        let data = gpu.alloc(1, numel)?;
-        let scale = gpu.alloc(4, 1)?;
-        fp8::quantize_e4m3(
-            gpu,
-            dtype,
-            dense.ptr(),
-            1,
-            numel,
-            numel,
-            amax.ptr(),
-            false,
-            data.ptr(),
-            scale.ptr(),
-        )?;
+        let data = gpu.alloc(Elem::E4M3, numel)?;
+        let scale = gpu.alloc(Elem::F32, 1)?;
+        let out = E4m3Out {
+            codes: data.view(),
+            scale: scale.view(),
+            amax: amax.view(),
+        };
+        fp8::quantize_e4m3(gpu, dtype, dense.view(), 1, numel, numel, false, out)?;
         Ok(Weight::Fp8 { data, scale })
     };
     let mut weights = Vec::with_capacity(layers.len());
@@ -551,7 +628,7 @@ fn build_stage(
         };
         Some(Head {
             norm: make(of(ParamKind::Norm))?,
-            output: make(of(ParamKind::Output))?,
+            output: Weight::Dense(make(of(ParamKind::Output))?),
             target: gpu.upload(target)?,
         })
     } else {
@@ -579,18 +656,13 @@ fn upload_pool(gpu: &Gpu, dtype: Dtype, pool: &[f32]) -> Result<DevBuf, BackendE
         return gpu.upload(pool);
     }
     let dev = gpu.alloc_dtype(dtype, pool.len())?;
-    let staging = gpu.alloc(4, POOL_CHUNK.min(pool.len()).max(1))?;
+    let staging = gpu.alloc(Elem::F32, POOL_CHUNK.min(pool.len()).max(1))?;
     for (c, chunk) in pool.chunks(POOL_CHUNK).enumerate() {
         // The copy into the staging buffer is queued after the previous chunk's rounding
         // on the same stream, so reusing it is safe without waiting.
-        gpu.copy_in(chunk, &staging, 0)?;
-        elementwise::from_f32(
-            gpu,
-            dtype,
-            staging.ptr(),
-            dev.at(c * POOL_CHUNK),
-            chunk.len(),
-        )?;
+        gpu.copy_in(chunk, staging.view())?;
+        let dst = dev.from(c * POOL_CHUNK);
+        elementwise::from_f32(gpu, dtype, staging.view(), dst, chunk.len())?;
     }
     Ok(dev)
 }

@@ -13,7 +13,7 @@
 //! [`super`] docs for the report's fields.
 
 use super::local::{check_dtypes, devices, job_params};
-use super::{flop_per_nonce, non_embedding_params, unix_seconds, BenchArgs, Progress};
+use super::{flop_per_nonce, non_embedding_params, unix_seconds, BenchArgs, Interrupt, Progress};
 use crate::backend::batch::prepare;
 use crate::backend::{Backend, JobSpec};
 use crate::cli::devices::DtypeChoice;
@@ -218,6 +218,7 @@ fn compute(
     choice: DtypeChoice,
     n: usize,
     progress: &Progress,
+    interrupt: &Interrupt,
 ) -> anyhow::Result<DtypeRun> {
     let name = choice.as_str();
     let dev = device.name();
@@ -273,7 +274,7 @@ fn compute(
     let (mut prepare_time, mut compute_time) = (Duration::ZERO, Duration::ZERO);
     let mut dist = Vec::with_capacity(n);
     let mut start = 0usize;
-    while start < n {
+    while start < n && !interrupt.is_set() {
         let end = (start + batch_size).min(n);
         let (d, prepared, computed) = run((start as u64..end as u64).collect())?;
         dist.extend(d);
@@ -296,8 +297,9 @@ fn compute(
         dist,
     };
     progress.line(&format!(
-        "{name} on {dev}: {n} nonces in {:.2} s of device time, {:.1} nonces/s (inputs drawn \
+        "{name} on {dev}: {} nonces in {:.2} s of device time, {:.1} nonces/s (inputs drawn \
          on the host in {:.2} s more)",
+        r.dist.len(),
         r.compute_seconds,
         r.nonces_per_second(),
         r.prepare_seconds
@@ -374,6 +376,7 @@ pub fn run(
     params_source: &str,
     out: &Path,
     progress: &Progress,
+    interrupt: &Interrupt,
 ) -> anyhow::Result<Value> {
     let (devs, device_note) = devices(args.device, params, args.cuda_graphs)?;
     if let Some(note) = &device_note {
@@ -383,13 +386,36 @@ pub fn run(
     let dev = device.name();
     // Every dtype checked before the first is computed: fp8 on the CPU fails at once.
     check_dtypes(&devs[..1], params, params_source, &args.dtypes)?;
+    progress.line(&args.chosen(params_source));
     let started_unix = unix_seconds();
     let t_run = Instant::now();
     let n = usize::try_from(args.nonces).context("--nonces: too many for this machine")?;
     device.warm_up();
     let mut runs = Vec::with_capacity(args.dtypes.len());
     for &choice in &args.dtypes {
-        runs.push(compute(device.as_ref(), args, params, choice, n, progress)?);
+        if interrupt.is_set() {
+            break;
+        }
+        runs.push(compute(
+            device.as_ref(),
+            args,
+            params,
+            choice,
+            n,
+            progress,
+            interrupt,
+        )?);
+    }
+    // Interrupted (Ctrl-C): compare the nonces every dtype computed.
+    let n = runs.iter().map(|r| r.dist.len()).min().unwrap_or(0);
+    for r in &mut runs {
+        r.dist.truncate(n);
+    }
+    if interrupt.is_set() && (runs.len() < 2 || n < 2) {
+        anyhow::bail!(
+            "interrupted before two dtypes had nonces to compare ({} dtype(s), {n} nonces)",
+            runs.len()
+        );
     }
     let nonces: Vec<u64> = (0..n as u64).collect();
     let base = &runs[0];

@@ -1,5 +1,5 @@
 //! The ceiling of a local CUDA sweep: what cuBLASLt reaches on the forward's own matrix
-//! products (see [`crate::backend::cuda::gemm::measure_ceiling`]), measured in the bench's
+//! products (see [`crate::backend::cuda::ceiling::measure_ceiling`]), measured in the bench's
 //! process right after a dtype's sweep, and the share of it the sweep's best configuration
 //! achieved.
 //!
@@ -7,7 +7,7 @@
 //! what a forward could reach if everything else took no time: `fraction_of_ceiling` near 1
 //! means the forward is bound by its matrix products.
 
-use crate::backend::cuda::gemm::{self, Ceiling};
+use crate::backend::cuda::ceiling::{forward_products, measure_ceiling, Ceiling};
 use crate::backend::cuda::gpu::Gpu;
 use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
@@ -110,7 +110,7 @@ pub fn measure(
     gpu.ctx
         .synchronize()
         .map_err(|e| format!("cuda:{ordinal}: synchronize: {e}"))?;
-    let ceiling = gemm::measure_ceiling(&gpu.gemm, dtype, products, iters)
+    let ceiling = measure_ceiling(&gpu.gemm, dtype, products, iters)
         .map_err(|e| format!("cuda:{ordinal}: {e}"))?;
     Ok((ceiling, info.to_string()))
 }
@@ -130,7 +130,7 @@ pub fn report(
     let Some(&ordinal) = ordinals.first() else {
         return json!({"error": "no GPU in use"});
     };
-    let products = gemm::forward_products(params, forward_batch);
+    let products = forward_products(params, forward_batch);
     let iters = iterations(forward_seconds);
     let started = Instant::now();
     match measure(ordinal, dtype, &products, iters) {
@@ -207,7 +207,7 @@ mod tests {
     fn forward_products_give_the_flops_of_a_forward() {
         let p = crate::cli::bench::load_params("v1").unwrap().0;
         let batch = 4;
-        let products = gemm::forward_products(&p, batch);
+        let products = forward_products(&p, batch);
         let per_nonce = product_flop_per_nonce(&products, batch);
         // The products are the forward's weights applied: at most 2 flops per weight per
         // position (the last layer computes fewer positions), and at least the output.

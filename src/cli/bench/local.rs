@@ -6,12 +6,14 @@ use super::ceiling;
 use super::plot::{self, LocalPoint};
 use super::stats::Percentiles;
 use super::{
-    flop_per_nonce, non_embedding_params, unix_seconds, BenchArgs, GpuSampler, Progress,
+    flop_per_nonce, non_embedding_params, unix_seconds, BenchArgs, GpuSampler, Interrupt, Progress,
     METRICS_FILE, PLOT_FILE,
 };
 use crate::backend::Backend;
 use crate::cli::devices::{DeviceChoice, DtypeChoice};
-use crate::engine::{Engine, EngineOptions, GenerateJob, Job, JobEvent, ModelSpec};
+use crate::engine::{
+    Engine, EngineOptions, GenerateJob, Job, JobControl, JobEvent, ModelSpec, StopReason,
+};
 use crate::pow::dtype::Dtype;
 use crate::pow::params::Params;
 use crate::telemetry::{sku, system, GpuMonitor};
@@ -124,6 +126,49 @@ fn peak_of(
     }
 }
 
+/// Stops a configuration's job when its time budget has passed since its model was ready,
+/// through the job's control: inside the batch that runs where the device allows it, else
+/// after it. Dropping it (or [`Budget::finished`]) lets the timer go.
+struct Budget {
+    start: std::sync::mpsc::Sender<()>,
+    timer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Budget {
+    fn new(control: Arc<JobControl>, seconds: Duration) -> Self {
+        let (start, started) = std::sync::mpsc::channel::<()>();
+        let timer = std::thread::Builder::new()
+            .name("bench-budget".into())
+            .spawn(move || {
+                // Wait for the model, then for the budget; a closed channel means the job ended.
+                if started.recv().is_err() {
+                    return;
+                }
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    started.recv_timeout(seconds)
+                {
+                    control.stop(StopReason::Requested);
+                }
+            })
+            .ok();
+        Budget { start, timer }
+    }
+
+    /// The model is ready: the budget starts now.
+    fn model_ready(&self) {
+        let _ = self.start.send(());
+    }
+
+    /// The job ended: let the timer go.
+    fn finished(self) {
+        let Budget { start, timer } = self;
+        drop(start);
+        if let Some(t) = timer {
+            let _ = t.join();
+        }
+    }
+}
+
 pub fn run(
     args: &BenchArgs,
     params: &Params,
@@ -131,12 +176,14 @@ pub fn run(
     out: &Path,
     progress: &Progress,
     sampler: &GpuSampler,
+    interrupt: &Interrupt,
 ) -> anyhow::Result<Value> {
     let (devs, device_note) = devices(args.device, params, args.cuda_graphs)?;
     if let Some(note) = &device_note {
         progress.line(note);
     }
     check_dtypes(&devs, params, params_source, &args.dtypes)?;
+    progress.line(&args.chosen(params_source));
     let started_unix = unix_seconds();
     let t_run = Instant::now();
     let flop = flop_per_nonce(params);
@@ -168,7 +215,10 @@ pub fn run(
         Some(b) => b.println(s),
         None => progress.line(s),
     };
-    for &choice in &args.dtypes {
+    'dtypes: for &choice in &args.dtypes {
+        if interrupt.is_set() {
+            break;
+        }
         // The activations' dtype (f16 for fp8) and the name rows, files and figures carry.
         let dtype = choice.dtype();
         let name = choice.as_str();
@@ -188,6 +238,9 @@ pub fn run(
         engine.warm_up();
         device_names = engine.device_names();
         for &bs in &args.batch_sizes {
+            if interrupt.is_set() {
+                break 'dtypes;
+            }
             let effective = engine.effective_batch_size(params, bs);
             let label = format!("{name} batch {bs}");
             if let Some(b) = &bar {
@@ -212,8 +265,11 @@ pub fn run(
                     start_nonce: 0,
                     batch_size: bs,
                     max_duration: args.seconds,
+                    max_nonces: None,
                 }))
                 .context("cannot start the bench job")?;
+            let budget = Budget::new(h.control.clone(), args.seconds);
+            interrupt.measuring(Some(h.control.clone()));
             let mut workers: Vec<WorkerRun> = engine
                 .device_names()
                 .into_iter()
@@ -228,7 +284,10 @@ pub fn run(
             let mut last_tick = Instant::now();
             while let Some(ev) = h.events.blocking_recv() {
                 match ev {
-                    JobEvent::ModelReady { seconds, cached } => build = Some((seconds, cached)),
+                    JobEvent::ModelReady { seconds, cached } => {
+                        budget.model_ready();
+                        build = Some((seconds, cached));
+                    }
                     JobEvent::Batch(b) => {
                         let t = submitted.elapsed().as_secs_f64();
                         first_batch.get_or_insert(t);
@@ -274,6 +333,8 @@ pub fn run(
                     JobEvent::Finished(_) => break,
                 }
             }
+            budget.finished();
+            interrupt.measuring(None);
             csv.flush()?;
             let t_cfg_end = sampler.now();
             let nonces: u64 = workers.iter().map(|w| w.nonces).sum();
@@ -379,7 +440,12 @@ pub fn run(
         engine.clear_cache();
         drop(engine);
         let ordinals = ceiling::gpu_ordinals(&device_names);
-        if let (false, Some(i)) = (ordinals.is_empty(), best_index(&results[dtype_first..])) {
+        let measured = !interrupt.is_set();
+        if let (true, false, Some(i)) = (
+            measured,
+            ordinals.is_empty(),
+            best_index(&results[dtype_first..]),
+        ) {
             let r = &results[dtype_first + i];
             let bs = r["batch_size"].as_u64().unwrap_or(1);
             let forward_batch = forward_batches[dtype_first + i].max(1) as usize;
@@ -431,7 +497,9 @@ pub fn run(
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let ceiling_report = if ceilings.is_empty() {
+    let ceiling_report = if ceilings.is_empty() && interrupt.is_set() {
+        json!({"skipped": "interrupted (Ctrl-C) before a ceiling was measured"})
+    } else if ceilings.is_empty() {
         json!({"skipped": ceiling_skipped_reason(device_note.as_deref())})
     } else {
         Value::Object(ceilings)
@@ -449,6 +517,7 @@ pub fn run(
     let reference = args
         .reference_command
         .as_deref()
+        .filter(|_| !interrupt.is_set())
         .map(|cmd| reference(args, params, cmd, &results, progress));
     let devices: Vec<Value> = device_names
         .iter()

@@ -8,6 +8,13 @@
 //! `throughput_latency.png`; `--json` prints the report on standard output and nothing else.
 //! With `--agreement` ([`agreement`]) it compares dtypes instead of sweeping them (below).
 //!
+//! The defaults fit the device: `--params auto` is PARAMS_V2 on GPUs and `v2-small`
+//! ([`v2_small`]) on the CPU; `--batch-sizes` is 16,64,256 on GPUs, 1,8,32 on the CPU and 16
+//! with `--server` ([`BenchArgs::resolved`]). Each local configuration is stopped through its
+//! job's control once `--seconds` have passed since its model was ready, inside the batch that
+//! runs where the device allows. Ctrl-C ([`Interrupt`]) ends any mode early: what was measured
+//! is written as usual, the report says `interrupted: true`, and the command exits with 130.
+//!
 //! `--dtypes` takes f32, f16, bf16 and fp8. fp8 is f16 activations with the matrix products in
 //! FP8, as `serve --dtype fp8` runs it: every job's params get `use_fp8: true`. Its rows,
 //! `metrics.csv` lines and `start` / `ceiling` / `reference` entries are labelled `fp8`; its
@@ -15,6 +22,11 @@
 //! `ceiling` is the f16 products' (`products_dtype`, `note`). Every dtype is checked on every
 //! device before anything is computed: a device without FP8 (the CPU) fails the bench at once
 //! with its reason.
+//!
+//! Every report holds `cuda_graphs` (whether `--cuda-graphs` was on) and
+//! `cuda_graph_events`: `captures`, `replays`, `fallbacks` (batches run directly because
+//! their size's capture failed) and `dropped` (graphs dropped when scratch buffers were
+//! reallocated) during the run; all zero without graphs.
 //!
 //! Besides the sweep's `results` (one object per configuration) and `best`, a local run's
 //! report states the figures the CUDA backend is judged by, all measured in the same process:
@@ -124,11 +136,38 @@ pub const GPU_FILE: &str = "gpu.csv";
 pub const HEALTH_FILE: &str = "health.csv";
 pub const PLOT_FILE: &str = "throughput_latency.png";
 
+/// `--params auto` on GPUs: the production preset.
+pub const AUTO_PARAMS_GPU: &str = "v2";
+/// `--params auto` on the CPU: PARAMS_V2's shape at a size a CPU computes in milliseconds.
+pub const AUTO_PARAMS_CPU: &str = "v2-small";
+/// `--batch-sizes` unless given: on GPUs...
+pub const AUTO_BATCH_SIZES_GPU: [u64; 3] = [16, 64, 256];
+/// ...on the CPU...
+pub const AUTO_BATCH_SIZES_CPU: [u64; 3] = [1, 8, 32];
+/// ...and the one batch size of `--server` runs.
+pub const AUTO_BATCH_SIZE_SERVER: u64 = 16;
+
+/// `v2-small`: PARAMS_V2's head size (28), FFN width (8192), vocabulary (8196) and RoPE theta,
+/// at dim 224, 2 layers and seq_len 32 (the golden `v2_shaped` case): about 0.85 GFLOP per
+/// nonce, a few milliseconds per nonce on a CPU core, 30 MB of weights.
+pub fn v2_small() -> Params {
+    Params {
+        dim: 224,
+        n_layers: 2,
+        n_heads: 8,
+        n_kv_heads: 8,
+        seq_len: 32,
+        ..Params::v2()
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Model parameters: a preset (v1, v2, default) or a JSON file holding a params object
-    /// (or a request whose "params" key holds one).
-    #[arg(long, default_value = "v1")]
+    /// Model parameters: auto (v2 on GPUs; v2-small, PARAMS_V2's shape at dim 224, 2 layers and
+    /// seq_len 32, on the CPU), a preset (v1, v2, v2-small, default), or a JSON file holding a
+    /// params object (or a request whose "params" key holds one). With --server, auto asks the
+    /// server's /health which device it computes on.
+    #[arg(long, default_value = "auto")]
     pub params: String,
     /// Device to compute on (local runs): auto, cpu or cuda.
     #[arg(long, value_enum, default_value = "auto")]
@@ -136,11 +175,13 @@ pub struct BenchArgs {
     /// Model dtypes to sweep, comma-separated (local runs).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "f16")]
     pub dtypes: Vec<DtypeChoice>,
-    /// Batch sizes to sweep, comma-separated (local runs; --server uses the first).
-    #[arg(long, value_delimiter = ',', default_value = "1,8,32",
+    /// Batch sizes to sweep, comma-separated (local runs; --server and --agreement use the
+    /// first). Default: 16,64,256 on GPUs, 1,8,32 on the CPU, 16 with --server.
+    #[arg(long, value_delimiter = ',',
           value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub batch_sizes: Vec<u64>,
-    /// Seconds of computing per (dtype, batch size) (local runs).
+    /// Seconds of computing per (dtype, batch size) (local runs). A configuration is stopped
+    /// when they have passed, inside its batch where the device allows it.
     #[arg(long, default_value = "10", value_parser = seconds)]
     pub seconds: Duration,
     /// The run folder (default: bench-runs/<UTC time>); created if missing.
@@ -195,16 +236,20 @@ pub struct BenchArgs {
     pub nonces: u64,
 }
 
-/// Run the bench; the report is returned (and printed by the caller when `--json`).
+/// Run the bench; the report is returned (and printed by the caller when `--json`). A first
+/// Ctrl-C ends the run early with a report of what was measured (`interrupted: true`); a
+/// second exits at once.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
+    let interrupt = Interrupt::listen();
+    let args = &args.resolved()?;
     if !(args.r_target.is_finite() && args.r_target > 0.0) {
         anyhow::bail!("--r-target: expected a positive number");
     }
     if !(args.health_rate.is_finite() && args.health_rate >= 0.0 && args.health_rate <= 10_000.0) {
         anyhow::bail!("--health-rate: expected a number of probes per second in 0..=10000");
     }
-    if args.batch_sizes.is_empty() || args.dtypes.is_empty() {
-        anyhow::bail!("--batch-sizes and --dtypes need at least one value each");
+    if args.dtypes.is_empty() {
+        anyhow::bail!("--dtypes needs at least one value");
     }
     if let Some(cmd) = &args.reference_command {
         if args.server.is_some() {
@@ -238,10 +283,21 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
     let progress = Progress::new(args.json);
     let monitor = GpuMonitor::open();
     let sampler = GpuSampler::start(monitor.clone(), &out.join(GPU_FILE))?;
+    let graphs_before = crate::telemetry::cuda_graph_counters().snapshot();
     let result = match &args.server {
-        Some(_) => server::run(args, &params, &params_source, &out, &progress),
-        None if args.agreement => agreement::run(args, &params, &params_source, &out, &progress),
-        None => local::run(args, &params, &params_source, &out, &progress, &sampler),
+        Some(_) => server::run(args, &params, &params_source, &out, &progress, &interrupt),
+        None if args.agreement => {
+            agreement::run(args, &params, &params_source, &out, &progress, &interrupt)
+        }
+        None => local::run(
+            args,
+            &params,
+            &params_source,
+            &out,
+            &progress,
+            &sampler,
+            &interrupt,
+        ),
     };
     let samples = sampler.stop();
     let mut report = result?;
@@ -265,12 +321,176 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
     obj.insert("nvml".into(), nvml);
     obj.insert("cuda".into(), cuda_report());
     obj.insert("cuda_graphs".into(), args.cuda_graphs.into());
+    let graphs = crate::telemetry::cuda_graph_counters()
+        .snapshot()
+        .since(graphs_before);
+    obj.insert("cuda_graph_events".into(), serde_json::to_value(graphs)?);
+    obj.insert("interrupted".into(), interrupt.is_set().into());
     obj.insert("run_folder".into(), out.display().to_string().into());
     let text = serde_json::to_string_pretty(&report)?;
     std::fs::write(out.join(REPORT_FILE), text + "\n")
         .with_context(|| format!("cannot write {}", out.join(REPORT_FILE).display()))?;
+    if interrupt.is_set() {
+        progress.line("interrupted: the report holds what was measured until then");
+    }
     progress.line(&format!("report written to {}", out.display()));
     Ok(report)
+}
+
+impl BenchArgs {
+    /// The line a run starts with once its checks passed: what `auto` chose, and how to stop.
+    pub fn chosen(&self, params_source: &str) -> String {
+        let sizes: Vec<String> = self.batch_sizes.iter().map(u64::to_string).collect();
+        format!(
+            "params {params_source}, batch sizes {}; Ctrl-C stops early and still writes the report",
+            sizes.join(",")
+        )
+    }
+
+    /// These arguments with `--params auto` and an absent `--batch-sizes` made concrete for
+    /// the device the bench runs on.
+    pub fn resolved(&self) -> anyhow::Result<BenchArgs> {
+        let mut a = self.clone();
+        let on_gpu = || -> anyhow::Result<bool> {
+            Ok(match (&a.server, a.device) {
+                (Some(url), _) => server_computes_on_gpu(url)?,
+                (None, DeviceChoice::Cpu) => false,
+                (None, _) => crate::backend::cuda::cuda_available().is_ok(),
+            })
+        };
+        let gpu = if a.params.eq_ignore_ascii_case("auto") || a.batch_sizes.is_empty() {
+            on_gpu()?
+        } else {
+            false
+        };
+        if a.params.eq_ignore_ascii_case("auto") {
+            a.params = if gpu {
+                AUTO_PARAMS_GPU
+            } else {
+                AUTO_PARAMS_CPU
+            }
+            .to_owned();
+        }
+        if a.batch_sizes.is_empty() {
+            a.batch_sizes = match (&a.server, gpu) {
+                (Some(_), _) => vec![AUTO_BATCH_SIZE_SERVER],
+                (None, true) => AUTO_BATCH_SIZES_GPU.to_vec(),
+                (None, false) => AUTO_BATCH_SIZES_CPU.to_vec(),
+            };
+        }
+        Ok(a)
+    }
+}
+
+/// Whether the server at `url` computes on GPUs, from its /health `device` ("cpu", or GPU
+/// groups such as "cuda:0,cuda:1").
+fn server_computes_on_gpu(url: &str) -> anyhow::Result<bool> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let health: Value = rt.block_on(async {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .context("cannot build the HTTP client")?;
+        let r = http
+            .get(format!("{}/health", url.trim_end_matches('/')))
+            .send()
+            .await
+            .with_context(|| format!("--server: {url} does not answer /health"))?;
+        r.json::<Value>()
+            .await
+            .with_context(|| format!("--server: {url}/health is not JSON"))
+    })?;
+    Ok(health["device"]
+        .as_str()
+        .is_some_and(|d| d.starts_with("cuda")))
+}
+
+/// Ctrl-C during a bench. The first one sets the flag, stops the job that computes and wakes
+/// whoever watches: the run ends early and still writes its report with what was measured. A
+/// second one exits at once (status 130).
+#[derive(Clone)]
+pub struct Interrupt {
+    set: Arc<AtomicBool>,
+    job: Arc<std::sync::Mutex<Option<Arc<crate::engine::JobControl>>>>,
+    watch: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Interrupt {
+    /// Watch for Ctrl-C (SIGINT) from now on, on a thread of its own.
+    pub fn listen() -> Self {
+        let i = Self::unarmed();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let i = Interrupt { watch: rx, ..i };
+        let me = i.clone();
+        let spawned = thread::Builder::new().name("ctrl-c".into()).spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if tokio::signal::ctrl_c().await.is_err() {
+                    return;
+                }
+                eprintln!(
+                    "\ninterrupted: stopping and writing the report (Ctrl-C again to exit now)"
+                );
+                me.trigger();
+                let _ = tx.send(true);
+                let _ = tokio::signal::ctrl_c().await;
+                std::process::exit(130);
+            });
+        });
+        if let Err(e) = spawned {
+            eprintln!("warning: Ctrl-C will end the bench without a report: {e}");
+        }
+        i
+    }
+
+    /// An interrupt that only [`Interrupt::trigger`] sets (tests).
+    pub fn unarmed() -> Self {
+        Interrupt {
+            set: Arc::new(AtomicBool::new(false)),
+            job: Arc::default(),
+            watch: tokio::sync::watch::channel(false).1,
+        }
+    }
+
+    /// Set the flag and stop the job being measured.
+    pub fn trigger(&self) {
+        self.set.store(true, Ordering::SeqCst);
+        if let Some(c) = self.job.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            c.stop(crate::engine::StopReason::Requested);
+        }
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.set.load(Ordering::SeqCst)
+    }
+
+    /// The job an interrupt should stop (None once it has ended).
+    pub fn measuring(&self, control: Option<Arc<crate::engine::JobControl>>) {
+        let mut slot = self.job.lock().unwrap_or_else(|e| e.into_inner());
+        if self.is_set() {
+            if let Some(c) = &control {
+                c.stop(crate::engine::StopReason::Requested);
+            }
+        }
+        *slot = control;
+    }
+
+    /// Resolves once Ctrl-C was pressed (never for an unarmed interrupt).
+    pub async fn wait(&self) {
+        let mut w = self.watch.clone();
+        let _ = w.wait_for(|v| *v).await;
+        if !*w.borrow() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Params from a preset name or a JSON file.
@@ -278,9 +498,15 @@ pub fn load_params(spec: &str) -> anyhow::Result<(Params, String)> {
     if let Some(p) = Params::preset(spec) {
         return Ok((p, spec.to_ascii_lowercase()));
     }
+    if spec.eq_ignore_ascii_case(AUTO_PARAMS_CPU) {
+        return Ok((v2_small(), AUTO_PARAMS_CPU.to_owned()));
+    }
     let path = Path::new(spec);
     let text = std::fs::read_to_string(path).with_context(|| {
-        format!("--params: {spec:?} is neither a preset (v1, v2, default) nor a readable file")
+        format!(
+            "--params: {spec:?} is neither a preset (auto, v1, v2, v2-small, default) nor a \
+             readable file"
+        )
     })?;
     let v: Value =
         serde_json::from_str(&text).with_context(|| format!("--params: {spec} is not JSON"))?;
@@ -526,5 +752,40 @@ mod tests {
         assert!((f / 1e12 - 9.12).abs() < 0.05, "{f}");
         assert!(load_params("v1").is_ok());
         assert!(load_params("no-such-file.json").is_err());
+        let (p, name) = load_params("v2-small").unwrap();
+        assert_eq!(
+            (p.head_dim(), p.ffn_hidden(), name.as_str()),
+            (28, 8192, "v2-small")
+        );
+        p.validate().unwrap();
+    }
+
+    #[test]
+    fn auto_defaults_fit_the_device() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let cpu = Cli::parse_from(["bench", "--device", "cpu"]).bench;
+        assert_eq!(cpu.params, "auto");
+        assert!(cpu.batch_sizes.is_empty());
+        let r = cpu.resolved().unwrap();
+        assert_eq!(r.params, AUTO_PARAMS_CPU);
+        assert_eq!(r.batch_sizes, AUTO_BATCH_SIZES_CPU);
+        let given = Cli::parse_from([
+            "bench",
+            "--device",
+            "cpu",
+            "--params",
+            "v1",
+            "--batch-sizes",
+            "4",
+        ])
+        .bench
+        .resolved()
+        .unwrap();
+        assert_eq!((given.params.as_str(), given.batch_sizes), ("v1", vec![4]));
     }
 }

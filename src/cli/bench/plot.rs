@@ -31,6 +31,17 @@ pub struct LocalPoint {
     pub latency: Percentiles,
 }
 
+/// An axis value without trailing zeros: 1000 rather than "1000.0", 0.25 as it is.
+fn tidy(x: &f64) -> String {
+    let s = format!("{x:.3}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" {
+        "0".to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
 fn upper(max: f64) -> f64 {
     if max.is_finite() && max > 0.0 {
         max * 1.15
@@ -39,8 +50,21 @@ fn upper(max: f64) -> f64 {
     }
 }
 
-/// Throughput (x) against batch latency p50 / p90 / p99 (y), one line per dtype and
-/// percentile, each point labelled with its batch size.
+/// One colour per dtype, as the command line names them (others take the palette's).
+fn dtype_color(dtype: &str, index: usize) -> RGBAColor {
+    match dtype {
+        "f32" => RGBColor(31, 119, 180).to_rgba(),
+        "f16" => RGBColor(230, 120, 20).to_rgba(),
+        "bf16" => RGBColor(44, 160, 44).to_rgba(),
+        "fp8" => RGBColor(200, 40, 40).to_rgba(),
+        _ => Palette99::pick(index + 10).to_rgba(),
+    }
+}
+
+/// Throughput (x) against batch latency p50 / p90 / p99 (y): one colour per dtype, the
+/// percentile told by the line (p50 solid, p90 dashed, p99 dotted) and the marker (circle,
+/// triangle, cross). Each dtype's p50 points are labelled with their batch size, the labels
+/// of different dtypes stacked apart so that small batches near the origin stay readable.
 pub fn local(path: &Path, title: &str, points: &[LocalPoint]) -> anyhow::Result<()> {
     font_ready()?;
     let root = BitMapBackend::new(path, PLOT_SIZE).into_drawing_area();
@@ -62,8 +86,9 @@ pub fn local(path: &Path, title: &str, points: &[LocalPoint]) -> anyhow::Result<
     chart
         .configure_mesh()
         .x_desc("throughput (nonces/s)")
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_label_formatter(&tidy)
         .y_desc("batch latency (ms)")
+        .y_label_formatter(&tidy)
         .axis_desc_style((FAMILY, 20))
         .label_style((FAMILY, 15))
         .draw()
@@ -71,45 +96,87 @@ pub fn local(path: &Path, title: &str, points: &[LocalPoint]) -> anyhow::Result<
     let mut dtypes: Vec<&'static str> = points.iter().map(|p| p.dtype).collect();
     dtypes.dedup();
     let mut series = 0;
-    for dtype in dtypes {
+    for (d, dtype) in dtypes.into_iter().enumerate() {
+        let color = dtype_color(dtype, d);
         let mut pts: Vec<&LocalPoint> = points.iter().filter(|p| p.dtype == dtype).collect();
         pts.sort_by_key(|p| p.batch_size);
-        for (name, pick) in [
-            ("p50", (|l: &Percentiles| l.p50) as fn(&Percentiles) -> f64),
-            ("p90", |l: &Percentiles| l.p90),
-            ("p99", |l: &Percentiles| l.p99),
-        ] {
-            let color = Palette99::pick(series).to_rgba();
-            series += 1;
-            let xy: Vec<(f64, f64)> = pts
-                .iter()
+        let at = |pick: fn(&Percentiles) -> f64| -> Vec<(f64, f64)> {
+            pts.iter()
                 .map(|p| (p.nonces_per_second, pick(&p.latency)))
-                .collect();
-            chart
-                .draw_series(LineSeries::new(xy.clone(), color.stroke_width(2)))
-                .map_err(|e| anyhow!("plot: {e}"))?
-                .label(format!("{dtype} {name}"))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
-            chart
-                .draw_series(xy.iter().map(|&c| Circle::new(c, 4, color.filled())))
-                .map_err(|e| anyhow!("plot: {e}"))?;
-            if name == "p50" {
-                chart
-                    .draw_series(
-                        pts.iter().zip(&xy).map(|(p, &c)| {
-                            Text::new(format!("b{}", p.batch_size), c, (FAMILY, 14))
-                        }),
+                .collect()
+        };
+        let (p50, p90, p99) = (at(|l| l.p50), at(|l| l.p90), at(|l| l.p99));
+        let plot_err = |e| anyhow!("plot: {e}");
+        chart
+            .draw_series(LineSeries::new(p50.clone(), color.stroke_width(3)))
+            .map_err(plot_err)?
+            .label(format!("{dtype} p50"))
+            .legend(move |(x, y)| {
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (24, 0)], color.stroke_width(3))
+                    + Circle::new((12, 0), 4, color.filled())
+            });
+        chart
+            .draw_series(p50.iter().map(|&c| Circle::new(c, 5, color.filled())))
+            .map_err(plot_err)?;
+        chart
+            .draw_series(DashedLineSeries::new(
+                p90.clone(),
+                10,
+                6,
+                color.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label(format!("{dtype} p90"))
+            .legend(move |(x, y)| {
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (9, 0)], color.stroke_width(2))
+                    + PathElement::new(vec![(15, 0), (24, 0)], color.stroke_width(2))
+                    + TriangleMarker::new((12, 0), 5, color.filled())
+            });
+        chart
+            .draw_series(
+                p90.iter()
+                    .map(|&c| TriangleMarker::new(c, 6, color.filled())),
+            )
+            .map_err(plot_err)?;
+        chart
+            .draw_series(DashedLineSeries::new(
+                p99.clone(),
+                2,
+                5,
+                color.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label(format!("{dtype} p99"))
+            .legend(move |(x, y)| {
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (3, 0)], color.stroke_width(2))
+                    + PathElement::new(vec![(21, 0), (24, 0)], color.stroke_width(2))
+                    + Cross::new((12, 0), 5, color.stroke_width(2))
+            });
+        chart
+            .draw_series(p99.iter().map(|&c| Cross::new(c, 6, color.stroke_width(2))))
+            .map_err(plot_err)?;
+        // Batch sizes above the p50 points, each dtype's a line higher than the one before.
+        let dy = -22 - 16 * d as i32;
+        chart
+            .draw_series(pts.iter().zip(&p50).map(|(p, &c)| {
+                EmptyElement::at(c)
+                    + Text::new(
+                        format!("b{}", p.batch_size),
+                        (8, dy),
+                        (FAMILY, 14).into_font().color(&color),
                     )
-                    .map_err(|e| anyhow!("plot: {e}"))?;
-            }
-        }
+            }))
+            .map_err(plot_err)?;
+        series += 3;
     }
     if series > 0 {
         chart
             .configure_series_labels()
             .label_font((FAMILY, 15))
+            .legend_area_size(30)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .position(SeriesLabelPosition::UpperLeft)
@@ -132,7 +199,9 @@ pub fn server(
     font_ready()?;
     let root = BitMapBackend::new(path, PLOT_SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("plot: {e}"))?;
+    // Room above the title, which would otherwise touch the top edge.
     let root = root
+        .margin(14, 0, 0, 0)
         .titled(title, (FAMILY, 26))
         .map_err(|e| anyhow!("plot: {e}"))?;
     let (top, bottom) = root.split_vertically(PLOT_SIZE.1 / 2 - 20);
@@ -153,7 +222,9 @@ pub fn server(
     chart
         .configure_mesh()
         .x_desc("time (s)")
+        .x_label_formatter(&tidy)
         .y_desc("result lines (cumulative)")
+        .y_label_formatter(&tidy)
         .axis_desc_style((FAMILY, 18))
         .label_style((FAMILY, 14))
         .draw()
@@ -188,7 +259,9 @@ pub fn server(
     chart
         .configure_mesh()
         .x_desc("time (s)")
+        .x_label_formatter(&tidy)
         .y_desc("/health latency (ms)")
+        .y_label_formatter(&tidy)
         .axis_desc_style((FAMILY, 18))
         .label_style((FAMILY, 14))
         .draw()
@@ -202,4 +275,15 @@ pub fn server(
         .map_err(|e| anyhow!("plot: {e}"))?;
     root.present().map_err(|e| anyhow!("plot: {e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn axis_values_have_no_trailing_zeros() {
+        assert_eq!(super::tidy(&1000.0), "1000");
+        assert_eq!(super::tidy(&0.25), "0.25");
+        assert_eq!(super::tidy(&0.0), "0");
+        assert_eq!(super::tidy(&12.5), "12.5");
+    }
 }

@@ -4,7 +4,8 @@
 use super::plot;
 use super::stats::Percentiles;
 use super::{
-    flop_per_nonce, unix_seconds, BenchArgs, Progress, HEALTH_FILE, METRICS_FILE, PLOT_FILE,
+    flop_per_nonce, unix_seconds, BenchArgs, Interrupt, Progress, HEALTH_FILE, METRICS_FILE,
+    PLOT_FILE,
 };
 use crate::pow::params::Params;
 use anyhow::Context;
@@ -55,6 +56,7 @@ pub fn run(
     params_source: &str,
     out: &Path,
     progress: &Progress,
+    interrupt: &Interrupt,
 ) -> anyhow::Result<Value> {
     let url = args.server.clone().unwrap_or_default();
     let parsed =
@@ -66,7 +68,15 @@ pub fn run(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(drive(args, params, params_source, out, progress, &url))
+    rt.block_on(drive(
+        args,
+        params,
+        params_source,
+        out,
+        progress,
+        &url,
+        interrupt,
+    ))
 }
 
 async fn drive(
@@ -76,6 +86,7 @@ async fn drive(
     out: &Path,
     progress: &Progress,
     url: &str,
+    interrupt: &Interrupt,
 ) -> anyhow::Result<Value> {
     let started_unix = unix_seconds();
     let t0 = Instant::now();
@@ -93,6 +104,7 @@ async fn drive(
         .await
         .unwrap_or(Value::Null);
 
+    progress.line(&args.chosen(params_source));
     // /health probes, open loop: each is sent at its time whatever the earlier ones do.
     let probes: Arc<Mutex<Vec<Probe>>> = Arc::default();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -153,6 +165,9 @@ async fn drive(
     let mut jobs = Vec::new();
     let bar = progress.bar(args.jobs);
     for job in 1..=args.jobs {
+        if interrupt.is_set() {
+            break;
+        }
         let body = json!({
             "block_hash": args.block_hash,
             "block_height": 1,
@@ -171,15 +186,18 @@ async fn drive(
         let mut valid = 0u64;
         let mut status = 0u16;
         let mut left = "time";
-        let resp = tokio::time::timeout_at(
-            deadline,
-            http.post(join(url, "/generate")).json(&body).send(),
-        )
-        .await;
+        let resp = tokio::select! {
+            r = tokio::time::timeout_at(
+                deadline,
+                http.post(join(url, "/generate")).json(&body).send(),
+            ) => Some(r),
+            _ = interrupt.wait() => None,
+        };
         match resp {
-            Err(_) => errors.push("no answer before the job's time ran out".into()),
-            Ok(Err(e)) => errors.push(format!("request failed: {e}")),
-            Ok(Ok(mut resp)) => {
+            None => left = "interrupted",
+            Some(Err(_)) => errors.push("no answer before the job's time ran out".into()),
+            Some(Ok(Err(e))) => errors.push(format!("request failed: {e}")),
+            Some(Ok(Ok(mut resp))) => {
                 status = resp.status().as_u16();
                 if status != 200 {
                     let text = resp.text().await.unwrap_or_default();
@@ -187,7 +205,14 @@ async fn drive(
                 } else {
                     let mut buf: Vec<u8> = Vec::new();
                     'read: loop {
-                        let chunk = match tokio::time::timeout_at(deadline, resp.chunk()).await {
+                        let next = tokio::select! {
+                            c = tokio::time::timeout_at(deadline, resp.chunk()) => c,
+                            _ = interrupt.wait() => {
+                                left = "interrupted";
+                                break;
+                            }
+                        };
+                        let chunk = match next {
                             Err(_) => break,
                             Ok(Err(e)) => {
                                 errors.push(format!("stream broke: {e}"));

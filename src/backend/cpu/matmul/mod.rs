@@ -260,6 +260,38 @@ fn check<R: Rounding>(
     );
 }
 
+/// Whether [`linear_silu_mul`] fuses its two products on the path `kernel` for `dtype`
+/// weights of depth `k`: a register-blocked kernel, on this architecture, with `k` within
+/// one of its stretches.
+pub fn fuses_silu_mul(kernel: Kernel, dtype: Dtype, k: usize) -> bool {
+    if k == 0 || !kernel.runs(dtype, &Features::host()) {
+        return false;
+    }
+    match (kernel, dtype) {
+        (Kernel::Scalar, Dtype::F32) => blocked::gated_fits::<ScalarFma<f32>>(k),
+        (Kernel::Scalar, Dtype::F16) => blocked::gated_fits::<ScalarFma<F16Bits>>(k),
+        (Kernel::Scalar, Dtype::Bf16) => blocked::gated_fits::<ScalarFma<Bf16Bits>>(k),
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx2, Dtype::F32) => blocked::gated_fits::<x86::Fma256<f32>>(k),
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx2, Dtype::F16) => blocked::gated_fits::<x86::Fma256<F16Bits>>(k),
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx2, Dtype::Bf16) => blocked::gated_fits::<x86::Fma256<Bf16Bits>>(k),
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx512, Dtype::F32) => blocked::gated_fits::<x86::Fma512<f32>>(k),
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx512, Dtype::F16) => blocked::gated_fits::<x86::Fma512<F16Bits>>(k),
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx512, Dtype::Bf16) => blocked::gated_fits::<x86::Fma512<Bf16Bits>>(k),
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx512Bf16, Dtype::Bf16) => blocked::gated_fits::<x86::Dp512Bf16>(k),
+        #[cfg(test)]
+        (Kernel::Avx512Bf16Model, Dtype::Bf16) => blocked::gated_fits::<blocked::DpBf16Model>(k),
+        // The AMX driver keeps C in tiles per 32 x 32 block: not fused (yet).
+        _ => false,
+    }
+}
+
 /// The FFN's `round_T(round_T(silu(round_T(x . gate^T))) * round_T(x . up^T))` in one pass,
 /// block by block (no intermediate product reaches memory), when the path can: a
 /// register-blocked kernel, and `k` within one of its stretches. Returns `false`, having
@@ -280,7 +312,7 @@ pub fn linear_silu_mul<R: Rounding>(
         (up.n(), up.k(), up.dtype(), up.layout()) == (n, k, gate.dtype(), gate.layout()),
         "linear_silu_mul: the two weights differ in shape, dtype or layout"
     );
-    if m == 0 || n == 0 || k == 0 {
+    if m == 0 || n == 0 || !fuses_silu_mul(kernel, gate.dtype(), k) {
         return false;
     }
     check::<R>(kernel, dst, x, m, x_row_stride, gate);
@@ -288,9 +320,7 @@ pub fn linear_silu_mul<R: Rounding>(
     let panel_len = gate.panel_len();
     macro_rules! gated {
         ($kernel:ty, $ctor:expr, $g:expr, $u:expr) => {{
-            if !blocked::gated_fits::<$kernel>(k) {
-                return false;
-            }
+            debug_assert!(blocked::gated_fits::<$kernel>(k));
             let op = blocked::Operands {
                 x,
                 m,
@@ -376,8 +406,7 @@ pub fn linear_silu_mul<R: Rounding>(
         (Kernel::Avx512Bf16Model, Storage::Bits16(g), Storage::Bits16(u), Dtype::Bf16) => {
             gated!(blocked::DpBf16Model, blocked::DpBf16Model, g, u)
         }
-        // The AMX driver keeps C in tiles per 32 x 32 block: not fused (yet).
-        _ => false,
+        (kernel, _, _, dtype) => unreachable!("{kernel} does not fuse {dtype} products"),
     }
 }
 

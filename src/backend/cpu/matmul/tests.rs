@@ -741,6 +741,11 @@ fn the_gated_product_equals_two_products_and_silu_mul() {
                         three_steps::<RoundBf16>(kernel, &c, &gate, &up),
                     ),
                 };
+                assert_eq!(
+                    got.is_some(),
+                    fuses_silu_mul(kernel, dtype, k),
+                    "{kernel} {dtype} k {k}"
+                );
                 if let Some(got) = got {
                     fused_any = true;
                     assert_eq!(

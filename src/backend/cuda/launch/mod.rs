@@ -1,8 +1,12 @@
 //! Launchers: one module per kernel family (`kernels/<family>.cu`), each a thin, typed Rust
 //! function per kernel that picks the dtype's instantiation by name
 //! ([`super::kernels::kernel_name`]), sizes the grid as the kernel's source says, and passes
-//! the arguments in the kernel's order. Addresses are plain device pointers of buffers on the
-//! same GPU ([`super::gpu::DevBuf::at`]).
+//! the arguments in the kernel's order. Buffers come as [`DevView`]s: each launcher checks
+//! that every view lives on its GPU, holds the element type its kernel reads, and holds at
+//! least as many values as the kernel touches, before anything is queued; so the SAFETY
+//! argument of each launch rests on those checks, not on its callers.
+//!
+//! [`DevView`]: super::gpu::DevView
 
 pub mod attention;
 pub mod elementwise;

@@ -1,7 +1,7 @@
 //! Launcher of `kernels/rmsnorm.cu`.
 
 use super::{int, kernel};
-use crate::backend::cuda::gpu::Gpu;
+use crate::backend::cuda::gpu::{DevView, Elem, Gpu};
 use crate::backend::BackendError;
 use crate::pow::dtype::Dtype;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -12,12 +12,12 @@ const ROWS_PER_BLOCK: usize = 4;
 /// `out[r] = round_T(round_T(x[r] * (1 / sqrt(sum(x[r]^2) / dim + eps))) * weight)` for
 /// `rows` rows of `dim` values.
 #[allow(clippy::too_many_arguments)]
-pub fn rmsnorm(
+pub(crate) fn rmsnorm(
     gpu: &Gpu,
     dtype: Dtype,
-    x: u64,
-    weight: u64,
-    out: u64,
+    x: DevView<'_>,
+    weight: DevView<'_>,
+    out: DevView<'_>,
     rows: usize,
     dim: usize,
     eps: f32,
@@ -25,6 +25,10 @@ pub fn rmsnorm(
     if rows == 0 {
         return Ok(());
     }
+    let t = Elem::storage(dtype);
+    let x = x.check(gpu, "rmsnorm x", t, rows * dim)?;
+    let weight = weight.check(gpu, "rmsnorm weight", t, dim)?;
+    let out = out.check(gpu, "rmsnorm out", t, rows * dim)?;
     let f = kernel(gpu, "rmsnorm", dtype)?;
     let (rows_i, dim_i) = (int("rows", rows)?, int("dim", dim)?);
     let cfg = LaunchConfig {
@@ -32,18 +36,16 @@ pub fn rmsnorm(
         block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    {
-        let mut a = gpu.stream.launch_builder(f);
-        a.arg(&x)
-            .arg(&weight)
-            .arg(&out)
-            .arg(&rows_i)
-            .arg(&dim_i)
-            .arg(&eps);
-        // SAFETY: rmsnorm_<dtype>(const S* x, const S* weight, S* out, int rows, int dim,
-        // float eps): the arguments match in order and type; x and out hold rows * dim values
-        // and weight dim values of the dtype (the caller's buffers), and each warp touches only
-        // its own row.
-        unsafe { gpu.run(&mut a, "rmsnorm", cfg) }
-    }
+    let mut a = gpu.stream.launch_builder(f);
+    a.arg(&x)
+        .arg(&weight)
+        .arg(&out)
+        .arg(&rows_i)
+        .arg(&dim_i)
+        .arg(&eps);
+    // SAFETY: rmsnorm_<dtype>(const S* x, const S* weight, S* out, int rows, int dim,
+    // float eps): the arguments match in order and type; x and out hold rows * dim values
+    // and weight dim values of the dtype on this GPU (checked above), and each warp touches
+    // only its own row.
+    unsafe { gpu.run(&mut a, "rmsnorm", cfg) }
 }
