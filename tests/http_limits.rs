@@ -513,14 +513,15 @@ fn connections_stay_below_the_open_file_limit() {
 
 #[test]
 fn idle_memory_after_a_job_is_the_cached_model_and_little_more() {
-    // One layer of dim 1024: 100 MB of f32 weights; 126 MB of working memory per nonce.
+    // One layer of dim 1024: 50 MB of weights, held in f16 (the default dtype); about 100 MB
+    // of working memory per nonce.
     let mut req = generate_request(10.0, 2, 0);
     req["params"] = json!({"dim": 1024, "n_layers": 1, "n_heads": 8, "n_kv_heads": 8,
                            "vocab_size": 8192, "seq_len": 2048});
     let params = llama_pow::pow::request::parse_params(&req["params"]).unwrap();
     let weights = {
         let total = llama_pow::pow::weights::total_params(&params);
-        4 * (total - 8192 * 1024)
+        2 * (total - 8192 * 1024)
     };
     let s = Server::start(&["--max-job-seconds", "3"]);
     let before = s.memory("VmRSS");
