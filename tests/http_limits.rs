@@ -156,10 +156,12 @@ fn redirects_from_callbacks_and_orchestrators_are_not_followed() {
 // ---------------------------------------------------------------------------------------------
 // One nonce's working memory is part of the model-size check
 
-/// Roughly what the CPU check asks for `p` (a little more: the pool and one nonce together).
+/// Roughly what the CPU check asks for `p` in the server's f16 (a little more: the pool and
+/// one nonce together).
 fn cpu_need(p: &Value) -> u64 {
     let params = llama_pow::pow::request::parse_params(p).unwrap();
-    let weights = llama_pow::backend::cpu::model_bytes(&params);
+    let f16 = llama_pow::pow::dtype::Dtype::F16;
+    let weights = llama_pow::backend::cpu::model_bytes(&params, f16);
     weights + llama_pow::backend::cpu::working_bytes_per_nonce(&params)
 }
 
