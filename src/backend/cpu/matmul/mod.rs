@@ -79,6 +79,7 @@ pub use pack::{Layout, PackError, PackedWeight, Storage};
 
 use crate::pow::dtype::{Dtype, Rounding};
 use blocked::{Bf16Bits, F16Bits, ScalarFma};
+use std::sync::OnceLock;
 
 /// Environment variable capping the product path: `auto` (default), `amx`, `avx512`,
 /// `avx2` or `scalar`; the fastest path at or below it that the CPU has is used.
@@ -214,15 +215,105 @@ impl Kernel {
             .unwrap_or(Kernel::Scalar)
     }
 
-    /// The path for `dtype` on this machine, within the cap of [`MATMUL_ENV`].
+    /// The path for `dtype` on this machine, within the cap of [`MATMUL_ENV`]. AMX is taken
+    /// only once this machine's tiles have computed a product exactly as stated
+    /// ([`amx_proven`]); otherwise the best path below it.
     pub fn select(dtype: Dtype) -> Result<Kernel, BadCap> {
-        Ok(Kernel::best(dtype, &Features::host(), Cap::from_env()?))
+        let f = Features::host();
+        let best = Kernel::best(dtype, &f, Cap::from_env()?);
+        if best == Kernel::Amx && !amx_proven(dtype) {
+            return Ok(Kernel::best(dtype, &f, Cap::Avx512));
+        }
+        Ok(best)
     }
 }
 
 impl std::fmt::Display for Kernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// Whether this machine's AMX path computes `dtype` products as stated, checked once per
+/// dtype on first use. The tile instructions are written against Intel's SDM and tested
+/// through a software model of it; where they execute for the first time on a machine that
+/// disagrees (a microcode, an emulator, a reading of the SDM that was wrong), they must not
+/// compute proofs: the warning says so and the path below AMX is used instead.
+fn amx_proven(dtype: Dtype) -> bool {
+    static F16: OnceLock<bool> = OnceLock::new();
+    static BF16: OnceLock<bool> = OnceLock::new();
+    let cell = match dtype {
+        Dtype::F16 => &F16,
+        Dtype::Bf16 => &BF16,
+        Dtype::F32 => return false,
+    };
+    *cell.get_or_init(|| match exact_product_agrees(Kernel::Amx, dtype) {
+        Ok(()) => true,
+        Err(why) => {
+            tracing::warn!(
+                "the AMX {dtype} products of this CPU disagree with their statement ({why}): \
+                 computing with the next fastest path instead"
+            );
+            false
+        }
+    })
+}
+
+/// Odd sizes (not multiples of any tile or panel), so that every edge of a path runs.
+const EXACT_M: usize = 19;
+const EXACT_N: usize = 37;
+const EXACT_K: usize = 70;
+
+/// A product whose every partial sum is exact in f32 (multiples of 1/8, under 2^10 in
+/// magnitude), so that any order of summation gives the same bits: x `[m, k]`, w `[n, k]`,
+/// and each output as the product rounds it to `dtype`.
+fn exact_case(dtype: Dtype) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let x: Vec<f32> = (0..EXACT_M * EXACT_K)
+        .map(|i| (((i / EXACT_K) * 7 + (i % EXACT_K) * 3) % 9) as f32 * 0.25 - 1.0)
+        .collect();
+    let w: Vec<f32> = (0..EXACT_N * EXACT_K)
+        .map(|i| (((i / EXACT_K) * 5 + i % EXACT_K) % 7) as f32 * 0.5 - 1.5)
+        .collect();
+    let want = (0..EXACT_M * EXACT_N)
+        .map(|o| {
+            let (r, c) = (o / EXACT_N, o % EXACT_N);
+            let sum: f64 = (0..EXACT_K)
+                .map(|l| f64::from(x[r * EXACT_K + l]) * f64::from(w[c * EXACT_K + l]))
+                .sum();
+            dtype.round(sum as f32)
+        })
+        .collect();
+    (x, w, want)
+}
+
+/// Run [`exact_case`] through `kernel`: every output must be the exact one.
+fn exact_product_agrees(kernel: Kernel, dtype: Dtype) -> Result<(), String> {
+    use crate::pow::dtype::{RoundBf16, RoundF16, RoundF32};
+    let (x, w, want) = exact_case(dtype);
+    let packed = PackedWeight::pack(&w, EXACT_N, EXACT_K, dtype, kernel.layout())
+        .map_err(|e| e.to_string())?;
+    let mut got = vec![f32::NAN; EXACT_M * EXACT_N];
+    match dtype {
+        Dtype::F32 => linear::<RoundF32>(kernel, &mut got, &x, EXACT_M, EXACT_K, &packed),
+        Dtype::F16 => linear::<RoundF16>(kernel, &mut got, &x, EXACT_M, EXACT_K, &packed),
+        Dtype::Bf16 => linear::<RoundBf16>(kernel, &mut got, &x, EXACT_M, EXACT_K, &packed),
+    }
+    first_difference(&got, &want)
+}
+
+/// The first output that is not the one wanted, as words.
+fn first_difference(got: &[f32], want: &[f32]) -> Result<(), String> {
+    match got
+        .iter()
+        .zip(want)
+        .position(|(g, w)| g.to_bits() != w.to_bits())
+    {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "output {} of a {EXACT_M} x {EXACT_N} x {EXACT_K} product is {} where it is \
+             exactly {}",
+            i, got[i], want[i]
+        )),
     }
 }
 

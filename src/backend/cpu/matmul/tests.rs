@@ -18,16 +18,16 @@ use super::amx_model::{add_daz_ftz, fma_daz_ftz};
 use super::*;
 use crate::pow::dtype::{RoundBf16, RoundF16, RoundF32};
 
-/// splitmix64, for deterministic data.
-struct Rng(u64);
+/// Deterministic data.
+struct Rng(crate::splitmix::SplitMix64);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(crate::splitmix::SplitMix64(seed))
+    }
+
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [-scale, scale), rounded to `dtype`.
@@ -60,7 +60,7 @@ struct Case {
 
 impl Case {
     fn new(m: usize, n: usize, k: usize, gap: usize, dtype: Dtype, seed: u64, exact: bool) -> Case {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let stride = k + gap;
         let mut x = vec![f32::NAN; (m - 1) * stride + k];
         for i in 0..m {
@@ -485,7 +485,7 @@ fn vdpbf16ps_does_what_the_sdm_says() {
             eprintln!("skipped: this CPU has no AVX512_BF16");
             return;
         }
-        let mut rng = Rng(99);
+        let mut rng = Rng::new(99);
         let bf = |b: u16| f32::from_bits(u32::from(b) << 16);
         let word = |tiny: bool, rng: &mut Rng| -> u16 {
             let r = rng.next();
@@ -646,7 +646,7 @@ fn vector_roundings_equal_dtype_round() {
             0x0000, 0x0001, 0x0FFF, 0x1000, 0x1001, 0x7FFF, 0x8000, 0x8001, 0xC000, 0xE000, 0xF000,
             0xFFFF,
         ];
-        let mut rng = Rng(11);
+        let mut rng = Rng::new(11);
         let mut patterns: Vec<u32> = (0u32..1 << 16)
             .flat_map(|hi| lows.iter().map(move |&lo| hi << 16 | lo))
             .collect();
@@ -761,5 +761,44 @@ fn the_gated_product_equals_two_products_and_silu_mul() {
                 "{kernel} {dtype}: fused where expected"
             );
         }
+    }
+}
+
+#[test]
+fn the_first_use_proof_of_a_path_holds_it_to_exact_sums() {
+    // Every path this machine runs, the AMX one through its model, computes the exact case
+    // exactly: it is what a machine's AMX tiles must do before they compute proofs.
+    for dtype in [Dtype::F16, Dtype::Bf16] {
+        for kernel in [Kernel::Scalar, Kernel::AmxModel, Kernel::Avx512Bf16Model] {
+            if kernel.runs(dtype, &Features::host()) {
+                exact_product_agrees(kernel, dtype).unwrap();
+            }
+        }
+        for kernel in [Kernel::Avx2, Kernel::Avx512, Kernel::Avx512Bf16] {
+            if kernel.runs(dtype, &Features::host()) {
+                exact_product_agrees(kernel, dtype).unwrap();
+            }
+        }
+        // The wanted outputs really are exact: the f32 sum of each is its f64 sum.
+        let (x, w, want) = exact_case(dtype);
+        assert!(want.iter().any(|&v| v != 0.0));
+        let r = 3;
+        for c in 0..EXACT_N {
+            let f32_sum: f32 = (0..EXACT_K)
+                .map(|l| x[r * EXACT_K + l] * w[c * EXACT_K + l])
+                .sum();
+            assert_eq!(dtype.round(f32_sum), want[r * EXACT_N + c]);
+        }
+    }
+    // A path that disagrees is reported with the output that shows it.
+    let (_, _, want) = exact_case(Dtype::F16);
+    let mut wrong = want.clone();
+    wrong[100] = f32::from_bits(wrong[100].to_bits() ^ 1);
+    let e = first_difference(&wrong, &want).unwrap_err();
+    assert!(e.starts_with("output 100 of a 19 x 37 x 70 product"), "{e}");
+    first_difference(&want, &want).unwrap();
+    // Where AMX is absent, selection never tries it.
+    if !Features::host().amx_bf16 {
+        assert_ne!(Kernel::select(Dtype::Bf16).unwrap(), Kernel::Amx);
     }
 }
