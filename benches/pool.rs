@@ -4,11 +4,16 @@
 //! `cargo bench --bench pool`. Environment:
 //! - `POOL_N`: draw only this many values (the hash is then not checked against the known one);
 //! - `POOL_NUMPY=0`: skip the numpy run (it is also skipped when numpy is not importable);
-//! - `POOL_SEQUENTIAL=1`: also time the single-threaded stream, for comparison.
+//! - `POOL_SEQUENTIAL=1`: also time the single-threaded stream, for comparison;
+//! - `POOL_FACTS=0`: skip timing `llama-pow facts` on the same pool (PARAMS_V2,
+//!   `--param output.weight`, 4 nonces) right after the pool, which it hashes as it draws.
 //!
 //! The last line printed is one JSON object with the figures.
 
 use half::f16;
+use llama_pow::pow::dtype::Dtype;
+use llama_pow::pow::facts::{self, FactsInput, ParamSelection};
+use llama_pow::pow::params::Params;
 use llama_pow::pow::{rng, seeds};
 use sha2::{Digest, Sha256};
 use std::process::Command;
@@ -119,6 +124,28 @@ fn main() {
     };
     drop(pool);
 
+    // facts for the same pool, timed the same way right after it: the goal is about the
+    // pool's own time (the hashing hides behind the drawing as far as the cores allow).
+    let facts_seconds = (full && !std::env::var("POOL_FACTS").is_ok_and(|v| v == "0")).then(|| {
+        let start = Instant::now();
+        let f = facts::compute(&FactsInput {
+            block_hash: BLOCK_HASH,
+            public_key: "gonka1poolbench",
+            params: &Params::v2(),
+            dtype: Dtype::F16,
+            nonces: &[0, 1, 2, 3],
+            selection: &ParamSelection::Named(vec!["output.weight".to_owned()]),
+        })
+        .expect("output.weight is a PARAMS_V2 parameter");
+        let secs = start.elapsed().as_secs_f64();
+        assert_eq!(f.pool_sha256_f16le.as_deref(), Some(V2_POOL_SHA256));
+        println!(
+            "facts (V2, --param output.weight, 4 nonces): {secs:.3} s, {:.2}x the pool's time",
+            secs / rust_seconds
+        );
+        secs
+    });
+
     let numpy = numpy_run(n);
     if let Some((secs, ref np_digest)) = numpy {
         println!("numpy: {secs:.3} s, sha256 {np_digest}");
@@ -129,6 +156,8 @@ fn main() {
         "threads": threads,
         "rust_seconds": rust_seconds,
         "rust_sequential_seconds": sequential_seconds,
+        "facts_seconds": facts_seconds,
+        "facts_over_pool": facts_seconds.map(|f| f / rust_seconds),
         "sha256": digest,
         "reference_hash_checked": full,
         "numpy_seconds": numpy.as_ref().map(|x| x.0),

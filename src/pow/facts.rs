@@ -1,7 +1,8 @@
 //! `facts`: hashes of everything random a request implies, in the golden files' format, so
 //! that an operator can check an install against the reference without running a model.
 //! Parameters are hashed straight from the pool, so PARAMS_V2 (17.8 B values) never exists
-//! in memory: only its 888 M-value pool does.
+//! in memory; nor does its 888 M-value pool, unless a parameter asked for is tiled from it
+//! (see [`PoolPass`]).
 
 use super::dtype::Dtype;
 use super::params::Params;
@@ -69,13 +70,6 @@ pub fn sha256_i64le(values: &[i64]) -> String {
     hex::encode(h.finalize())
 }
 
-/// The pool held in the layout its hash covers: f16 bit patterns for float16 models, f32
-/// for the others, so that a stretch of it is hashed as it lies in memory.
-enum HashedPool {
-    F16(Vec<u16>),
-    F32(Vec<f32>),
-}
-
 /// Values whose little-endian bytes are hashed.
 trait LeBytes: Copy + Send + Sync + 'static {
     fn le_bytes(values: &[Self]) -> Cow<'_, [u8]>;
@@ -107,70 +101,178 @@ macro_rules! le_bytes_of {
 le_bytes_of!(u16);
 le_bytes_of!(f32);
 
-impl HashedPool {
-    /// `seeded(block_hash, 4).normal(0, 0.02, pool_size)` rounded f64 -> f32 -> dtype, and
-    /// the SHA-256 of its values in the layout of [`HashElem::for_dtype`]. The hash is
-    /// taken while the pool is drawn: each stretch, as soon as it is final, is fed to the
-    /// hasher by a task that runs beside the drawing of the next one, so hashing 888 M
-    /// values costs little beyond drawing them.
-    fn draw(block_hash: &str, pool_size: u64, dtype: Dtype) -> (HashedPool, String) {
-        let entropy = seeds::entropy(&seeds::weights_seed(block_hash), seeds::WEIGHTS_HASHES);
-        let n = pool_size as usize;
-        match HashElem::for_dtype(dtype) {
-            HashElem::F16 => {
-                let mut pool = vec![0u16; n];
-                let hash = draw_hashing(&entropy, &mut pool, |x| f16::from_f32(x as f32).to_bits());
-                (HashedPool::F16(pool), hash)
-            }
-            HashElem::F32 => {
-                let mut pool = vec![0f32; n];
-                let hash = draw_hashing(&entropy, &mut pool, |x| dtype.round(x as f32));
-                (HashedPool::F32(pool), hash)
-            }
-        }
-    }
+/// A value of the pool in the layout its hash covers: f16 bit patterns for float16 models,
+/// f32 for the others, so that a stretch of the pool is hashed as it lies in memory.
+trait PoolValue: LeBytes + Default {
+    fn to_f32(self) -> f32;
+}
 
-    fn len(&self) -> usize {
-        match self {
-            HashedPool::F16(v) => v.len(),
-            HashedPool::F32(v) => v.len(),
-        }
+impl PoolValue for u16 {
+    fn to_f32(self) -> f32 {
+        f16::from_bits(self).to_f32()
     }
+}
 
-    /// The little-endian bytes of values `range`.
-    fn le_bytes(&self, range: std::ops::Range<usize>) -> Cow<'_, [u8]> {
-        match self {
-            HashedPool::F16(v) => u16::le_bytes(&v[range]),
-            HashedPool::F32(v) => f32::le_bytes(&v[range]),
-        }
+impl PoolValue for f32 {
+    fn to_f32(self) -> f32 {
+        self
     }
+}
 
-    /// The first `n` values.
-    fn first(&self, n: usize) -> Vec<f32> {
-        match self {
-            HashedPool::F16(v) => v
-                .iter()
-                .take(n)
-                .map(|&b| f16::from_bits(b).to_f32())
-                .collect(),
-            HashedPool::F32(v) => v.iter().take(n).copied().collect(),
+/// How the pool is gone through. `Streamed` hashes each stretch as it is drawn and keeps
+/// none of it: the pool's hash, and every parameter that lies in the pool directly hashed
+/// from the stretches that cover it (in order, so one hasher each). `Held` keeps the whole
+/// pool, which a tiled parameter needs (its values wrap around the pool). Both hash the
+/// pool while it is drawn; streaming also saves faulting in and copying the pool's memory
+/// (1.78 GB for PARAMS_V2), so `facts` costs about the drawing alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PoolPass {
+    Held,
+    Streamed,
+}
+
+/// Where a parameter's values come from, and whether they are hashed.
+struct SliceOf {
+    name_hash: u64,
+    slice: PoolSlice,
+    numel: u64,
+    wanted: bool,
+}
+
+/// The pool's hash, its first eight values and the hash of each wanted parameter.
+struct PoolFacts {
+    hash: String,
+    first8: Vec<f32>,
+    param_hashes: Vec<Option<String>>,
+}
+
+impl PoolPass {
+    /// Streamed unless a wanted parameter is tiled.
+    fn for_slices(slices: &[SliceOf]) -> Self {
+        if slices
+            .iter()
+            .all(|s| !s.wanted || matches!(s.slice, PoolSlice::Direct { .. }))
+        {
+            PoolPass::Streamed
+        } else {
+            PoolPass::Held
         }
     }
 }
 
-/// Fill `out` with the weight pool's normals mapped through `map`, hashing every finished
-/// stretch in order (a task of its own beside the drawing of the next stretch); returns the
-/// hex SHA-256 of all of `out`.
-fn draw_hashing<T: LeBytes>(
+/// `seeded(block_hash, 4).normal(0, 0.02, pool_size)` rounded f64 -> f32 -> dtype, gone
+/// through as `pass` says: its SHA-256 in the layout of [`HashElem::for_dtype`], its first
+/// values, and the hashes of the wanted parameters.
+fn pool_facts(
+    block_hash: &str,
+    pool_size: u64,
+    dtype: Dtype,
+    slices: &[SliceOf],
+    pass: PoolPass,
+) -> PoolFacts {
+    let entropy = seeds::entropy(&seeds::weights_seed(block_hash), seeds::WEIGHTS_HASHES);
+    let n = pool_size as usize;
+    match HashElem::for_dtype(dtype) {
+        HashElem::F16 => pool_facts_as(&entropy, n, slices, pass, |x| {
+            f16::from_f32(x as f32).to_bits()
+        }),
+        HashElem::F32 => pool_facts_as(&entropy, n, slices, pass, |x| dtype.round(x as f32)),
+    }
+}
+
+fn pool_facts_as<T: PoolValue>(
     entropy: &[u32],
-    out: &mut [T],
+    n: usize,
+    slices: &[SliceOf],
+    pass: PoolPass,
     map: impl Fn(f64) -> T + Sync,
-) -> String {
+) -> PoolFacts {
+    match pass {
+        PoolPass::Held => held_pool_facts(entropy, n, slices, map),
+        PoolPass::Streamed => streamed_pool_facts(entropy, n, slices, map),
+    }
+}
+
+/// [`PoolPass::Held`]: the pool filled whole, each finished stretch hashed by a task beside
+/// the drawing of the next; the parameters hashed from it afterwards, in parallel.
+fn held_pool_facts<T: PoolValue>(
+    entropy: &[u32],
+    n: usize,
+    slices: &[SliceOf],
+    map: impl Fn(f64) -> T + Sync,
+) -> PoolFacts {
+    let mut pool = vec![T::default(); n];
     let mut h = Sha256::new();
-    rng::fill_normal_parallel_in_order(entropy, 0.0, weights::POOL_SCALE, out, map, |stretch| {
-        h.update(T::le_bytes(stretch))
+    rng::fill_normal_parallel_in_order(entropy, 0.0, weights::POOL_SCALE, &mut pool, map, |s| {
+        h.update(T::le_bytes(s))
     });
-    hex::encode(h.finalize())
+    let param_hashes = slices
+        .par_iter()
+        .map(|s| {
+            s.wanted.then(|| {
+                let mut h = Sha256::new();
+                s.slice
+                    .for_each_run(n, s.numel as usize, |r| h.update(T::le_bytes(&pool[r])));
+                hex::encode(h.finalize())
+            })
+        })
+        .collect();
+    PoolFacts {
+        hash: hex::encode(h.finalize()),
+        first8: pool.iter().take(8).map(|&v| v.to_f32()).collect(),
+        param_hashes,
+    }
+}
+
+/// [`PoolPass::Streamed`]: every stretch, as it is drawn, goes to the pool's hasher and to
+/// the hasher of each wanted parameter it overlaps (those in parallel); nothing is kept.
+fn streamed_pool_facts<T: PoolValue>(
+    entropy: &[u32],
+    n: usize,
+    slices: &[SliceOf],
+    map: impl Fn(f64) -> T + Sync,
+) -> PoolFacts {
+    // (pool range, hasher) of each wanted parameter, in the order of `slices`.
+    let mut params: Vec<Option<(std::ops::Range<usize>, Sha256)>> = slices
+        .iter()
+        .map(|s| match (s.wanted, s.slice) {
+            (true, PoolSlice::Direct { start }) => {
+                let start = start as usize;
+                Some((start..start + s.numel as usize, Sha256::new()))
+            }
+            (false, _) => None,
+            (true, PoolSlice::Tiled { .. }) => unreachable!("a tiled parameter is held"),
+        })
+        .collect();
+    let mut pool_hasher = Sha256::new();
+    let mut first8 = Vec::with_capacity(8);
+    let mut at = 0usize;
+    rng::stream_normal_parallel_in_order(entropy, 0.0, weights::POOL_SCALE, n, map, |s| {
+        let span = at..at + s.len();
+        first8.extend(s.iter().take(8 - first8.len()).map(|&v| v.to_f32()));
+        rayon::join(
+            || pool_hasher.update(T::le_bytes(s)),
+            || {
+                params.par_iter_mut().flatten().for_each(|(range, h)| {
+                    let lo = range.start.max(span.start);
+                    let hi = range.end.min(span.end);
+                    if lo < hi {
+                        h.update(T::le_bytes(&s[lo - span.start..hi - span.start]));
+                    }
+                })
+            },
+        );
+        at = span.end;
+    });
+    debug_assert_eq!(at, n);
+    PoolFacts {
+        hash: hex::encode(pool_hasher.finalize()),
+        first8,
+        param_hashes: params
+            .into_iter()
+            .map(|p| p.map(|(_, h)| hex::encode(h.finalize())))
+            .collect(),
+    }
 }
 
 /// One parameter's facts.
@@ -233,6 +335,12 @@ pub struct FactsInput<'a> {
 pub struct UnknownParam(pub String);
 
 pub fn compute(input: &FactsInput<'_>) -> Result<Facts, UnknownParam> {
+    compute_with(input, None)
+}
+
+/// [`compute`], going through the pool as `pass` says (or as the parameters asked for
+/// allow, when `None`).
+fn compute_with(input: &FactsInput<'_>, pass: Option<PoolPass>) -> Result<Facts, UnknownParam> {
     let specs = weights::param_specs(input.params);
     if let ParamSelection::Named(names) = input.selection {
         if let Some(bad) = names.iter().find(|n| !specs.iter().any(|s| &s.name == *n)) {
@@ -242,35 +350,44 @@ pub fn compute(input: &FactsInput<'_>) -> Result<Facts, UnknownParam> {
     let total = weights::total_params(input.params);
     let pool_size = weights::pool_size(total);
     let elem = HashElem::for_dtype(input.dtype);
-    let (pool, pool_hash) = HashedPool::draw(input.block_hash, pool_size, input.dtype);
+    let slices: Vec<SliceOf> = specs
+        .iter()
+        .map(|spec| {
+            let name_hash = weights::name_hash(input.block_hash, &spec.name);
+            SliceOf {
+                name_hash,
+                slice: PoolSlice::new(name_hash, spec.numel(), pool_size),
+                numel: spec.numel(),
+                wanted: match input.selection {
+                    ParamSelection::All => true,
+                    ParamSelection::Named(names) => names.contains(&spec.name),
+                },
+            }
+        })
+        .collect();
+    let pool = pool_facts(
+        input.block_hash,
+        pool_size,
+        input.dtype,
+        &slices,
+        pass.unwrap_or_else(|| PoolPass::for_slices(&slices)),
+    );
 
     let parameters: Vec<ParamFacts> = specs
-        .par_iter()
-        .map(|spec| {
-            let numel = spec.numel();
-            let name_hash = weights::name_hash(input.block_hash, &spec.name);
-            let slice = PoolSlice::new(name_hash, numel, pool_size);
-            let wanted = match input.selection {
-                ParamSelection::All => true,
-                ParamSelection::Named(names) => names.contains(&spec.name),
-            };
-            let hash = wanted.then(|| {
-                let mut h = Sha256::new();
-                slice.for_each_run(pool.len(), numel as usize, |r| h.update(pool.le_bytes(r)));
-                hex::encode(h.finalize())
-            });
-            ParamFacts {
-                name: spec.name.clone(),
-                shape: spec.shape.clone(),
-                numel,
-                name_hash,
-                start: match slice {
-                    PoolSlice::Direct { start } => Some(start),
-                    PoolSlice::Tiled { .. } => None,
-                },
-                sha256_f16le: hash.clone().filter(|_| elem == HashElem::F16),
-                sha256_f32le: hash.filter(|_| elem == HashElem::F32),
-            }
+        .iter()
+        .zip(&slices)
+        .zip(pool.param_hashes)
+        .map(|((spec, s), hash)| ParamFacts {
+            name: spec.name.clone(),
+            shape: spec.shape.clone(),
+            numel: s.numel,
+            name_hash: s.name_hash,
+            start: match s.slice {
+                PoolSlice::Direct { start } => Some(start),
+                PoolSlice::Tiled { .. } => None,
+            },
+            sha256_f16le: hash.clone().filter(|_| elem == HashElem::F16),
+            sha256_f32le: hash.filter(|_| elem == HashElem::F32),
         })
         .collect();
 
@@ -301,13 +418,115 @@ pub fn compute(input: &FactsInput<'_>) -> Result<Facts, UnknownParam> {
         public_key: input.public_key.to_owned(),
         total_params: total,
         pool_size,
-        pool_sha256_f16le: (elem == HashElem::F16).then(|| pool_hash.clone()),
-        pool_sha256_f32le: (elem == HashElem::F32).then_some(pool_hash),
-        pool_first8: pool.first(8),
+        pool_sha256_f16le: (elem == HashElem::F16).then(|| pool.hash.clone()),
+        pool_sha256_f32le: (elem == HashElem::F32).then_some(pool.hash),
+        pool_first8: pool.first8,
         parameters,
         target_sha256_f64le: sha256_f64le(&target),
         nonces: input.nonces.to_vec(),
         inputs_sha256_f16le,
         permutations_sha256_i64le,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(dim: i64, vocab: i64) -> Params {
+        let mut p = Params::v2();
+        p.dim = dim;
+        p.n_layers = 2;
+        p.n_heads = 4;
+        p.n_kv_heads = 2;
+        p.vocab_size = vocab;
+        p.ffn_dim_multiplier = 1.0;
+        p.multiple_of = 32;
+        p.seq_len = 4;
+        p
+    }
+
+    fn facts(p: &Params, dtype: Dtype, selection: &ParamSelection, pass: PoolPass) -> Facts {
+        let input = FactsInput {
+            block_hash: "00ff5f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6",
+            public_key: "gonka1streamedpoolcheck",
+            params: p,
+            dtype,
+            nonces: &[0, 7],
+            selection,
+        };
+        compute_with(&input, Some(pass)).unwrap()
+    }
+
+    /// Streaming the pool gives every hash and value that holding it gives, in every hash
+    /// layout, for all parameters and for a few.
+    #[test]
+    fn a_streamed_pool_gives_the_facts_of_a_held_one() {
+        // Every parameter of a dim-32 model lies in the 50,000-value pool directly.
+        let small = params(32, 300);
+        let specs = weights::param_specs(&small);
+        let names: Vec<String> = specs.iter().step_by(3).map(|s| s.name.clone()).collect();
+        for dtype in [Dtype::F16, Dtype::Bf16, Dtype::F32] {
+            for selection in [ParamSelection::All, ParamSelection::Named(names.clone())] {
+                let held = facts(&small, dtype, &selection, PoolPass::Held);
+                let streamed = facts(&small, dtype, &selection, PoolPass::Streamed);
+                assert_eq!(
+                    serde_json::to_value(&held).unwrap(),
+                    serde_json::to_value(&streamed).unwrap(),
+                    "{dtype} {selection:?}"
+                );
+                assert!(held.parameters.iter().all(|p| p.start.is_some()));
+            }
+        }
+    }
+
+    /// A tiled parameter needs the pool held; one that lies in it directly does not.
+    #[test]
+    fn only_a_tiled_parameter_asked_for_holds_the_pool() {
+        let mixed = params(256, 300);
+        let total = weights::total_params(&mixed);
+        let pool_size = weights::pool_size(total);
+        let slices: Vec<(String, PoolSlice, u64)> = weights::param_specs(&mixed)
+            .iter()
+            .map(|s| {
+                let h = weights::name_hash("ab", &s.name);
+                (
+                    s.name.clone(),
+                    PoolSlice::new(h, s.numel(), pool_size),
+                    s.numel(),
+                )
+            })
+            .collect();
+        let tiled = slices
+            .iter()
+            .find(|s| matches!(s.1, PoolSlice::Tiled { .. }))
+            .expect("a dim-256 layer's products are larger than the pool");
+        let direct = slices
+            .iter()
+            .find(|s| matches!(s.1, PoolSlice::Direct { .. }))
+            .expect("its norms lie in the pool");
+        let pass = |wanted: &str| {
+            PoolPass::for_slices(
+                &slices
+                    .iter()
+                    .map(|(name, slice, numel)| SliceOf {
+                        name_hash: 0,
+                        slice: *slice,
+                        numel: *numel,
+                        wanted: name == wanted,
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(pass(&tiled.0), PoolPass::Held);
+        assert_eq!(pass(&direct.0), PoolPass::Streamed);
+        // And the direct one's facts agree either way, next to tiled ones not asked for.
+        let selection = ParamSelection::Named(vec![direct.0.clone()]);
+        let held = facts(&mixed, Dtype::F16, &selection, PoolPass::Held);
+        let streamed = facts(&mixed, Dtype::F16, &selection, PoolPass::Streamed);
+        assert_eq!(
+            serde_json::to_value(&held).unwrap(),
+            serde_json::to_value(&streamed).unwrap()
+        );
+    }
 }

@@ -573,19 +573,7 @@ fn fill_mapped_parallel<'a, T: Send + Sync, F: Fn(f64) -> T + Sync>(
             done(rest);
             return;
         }
-        // Each sample takes at least one draw, so `span` draws per chunk give at most
-        // `remaining` samples per round (and usually about 1.2% fewer).
-        let n_chunks = chunks_per_round.min(remaining);
-        let span = ((remaining / n_chunks) as u64).min(chunk_draws);
-        while chunks.len() < n_chunks {
-            chunks.push(Chunk {
-                rng: rng.clone(),
-                pos: 0,
-                samples: Vec::new(),
-                bounds: Vec::new(),
-            });
-        }
-        let round = &mut chunks[..n_chunks];
+        let (round, span) = plan_round(&mut chunks, &rng, remaining, chunks_per_round, chunk_draws);
         let previous = finished.take();
         rayon::join(
             || {
@@ -609,6 +597,171 @@ fn fill_mapped_parallel<'a, T: Send + Sync, F: Fn(f64) -> T + Sync>(
     }
     if let Some(stretch) = finished {
         done(stretch);
+    }
+}
+
+/// The chunks of the next round and the draws each covers, for `remaining` samples still to
+/// make. Each sample takes at least one draw, so `span` draws per chunk give at most
+/// `remaining` samples per round (and usually about 1.2% fewer).
+fn plan_round<'c, T>(
+    chunks: &'c mut Vec<Chunk<T>>,
+    rng: &Pcg64,
+    remaining: usize,
+    chunks_per_round: usize,
+    chunk_draws: u64,
+) -> (&'c mut [Chunk<T>], u64) {
+    let n_chunks = chunks_per_round.min(remaining);
+    let span = ((remaining / n_chunks) as u64).min(chunk_draws);
+    while chunks.len() < n_chunks {
+        chunks.push(Chunk {
+            rng: rng.clone(),
+            pos: 0,
+            samples: Vec::new(),
+            bounds: Vec::new(),
+        });
+    }
+    (&mut chunks[..n_chunks], span)
+}
+
+/// The first `n` values of `normal(loc, scale)` from a fresh generator seeded with `entropy`,
+/// each mapped through `map`, handed to `done` in order as stretches that tile them, without
+/// ever holding them all: [`fill_normal_parallel_in_order`] for a consumer that only reads
+/// the values once (a hash, say). Two rounds of chunks are alive at a time (a few MB): the
+/// one `done` reads and the one being drawn beside it. Equal to the sequential stream bit
+/// for bit.
+pub fn stream_normal_parallel_in_order<T: Send + Sync>(
+    entropy: &[u32],
+    loc: f64,
+    scale: f64,
+    n: usize,
+    map: impl Fn(f64) -> T + Sync,
+    mut done: impl FnMut(&[T]) + Send,
+) {
+    let plan = ParallelPlan {
+        chunks: 8 * rayon::current_num_threads().max(1),
+        ..ParallelPlan::default()
+    };
+    let rng = Pcg64::from_entropy(entropy);
+    stream_mapped_parallel(rng, n, &|z| map(loc + scale * z), plan, &mut done);
+}
+
+/// [`stream_normal_parallel_in_order`] from the stream `rng`, with an explicit plan.
+#[doc(hidden)]
+pub fn stream_normal_parallel_in_order_with<T: Send + Sync, F: Fn(f64) -> T + Sync>(
+    rng: Pcg64,
+    loc: f64,
+    scale: f64,
+    n: usize,
+    map: &F,
+    plan: ParallelPlan,
+    done: &mut (dyn FnMut(&[T]) + Send),
+) {
+    stream_mapped_parallel(rng, n, &|z| map(loc + scale * z), plan, done);
+}
+
+/// The kept samples of a stitched round: for each chunk that takes part, its samples after
+/// the skipped ones, the whole round capped at `limit` values.
+struct Kept<'c, T> {
+    chunks: &'c [Chunk<T>],
+    skips: Vec<usize>,
+    limit: usize,
+}
+
+impl<T> Kept<'_, T> {
+    fn for_each(&self, done: &mut (dyn FnMut(&[T]) + Send)) {
+        let mut left = self.limit;
+        for (chunk, &skip) in self.chunks.iter().zip(&self.skips) {
+            let take = (chunk.samples.len() - skip).min(left);
+            if take > 0 {
+                done(&chunk.samples[skip..skip + take]);
+            }
+            left -= take;
+        }
+    }
+
+    fn len(&self) -> usize {
+        let kept: usize = self
+            .chunks
+            .iter()
+            .zip(&self.skips)
+            .map(|(c, &s)| c.samples.len() - s)
+            .sum();
+        kept.min(self.limit)
+    }
+}
+
+/// [`fill_mapped_parallel`] without an output: the rounds are drawn into two sets of chunks
+/// in turn, and `done` reads the kept samples of one round straight from its chunks while
+/// the next round is drawn into the other set (no copy, no output to fault in).
+fn stream_mapped_parallel<T: Send + Sync, F: Fn(f64) -> T + Sync>(
+    mut rng: Pcg64,
+    n: usize,
+    f: &F,
+    plan: ParallelPlan,
+    done: &mut (dyn FnMut(&[T]) + Send),
+) {
+    let chunks_per_round = plan.chunks.max(1);
+    let chunk_draws = plan.chunk_draws.max(1);
+    let mut sets: [Vec<Chunk<T>>; 2] = [Vec::new(), Vec::new()];
+    let mut remaining = n;
+    // Which set holds the round `done` has yet to read, and what it keeps of it.
+    let mut pending: Option<(usize, Vec<usize>, usize)> = None;
+    let mut turn = 0;
+    while remaining > 0 {
+        if remaining <= plan.sequential_below || chunks_per_round == 1 {
+            break;
+        }
+        let (drawing, reading) = match &mut sets {
+            [a, b] if turn == 0 => (a, &*b),
+            [a, b] => (b, &*a),
+        };
+        let (round, span) = plan_round(drawing, &rng, remaining, chunks_per_round, chunk_draws);
+        let previous = pending.take().map(|(used, skips, limit)| Kept {
+            chunks: &reading[..used],
+            skips,
+            limit,
+        });
+        rayon::join(
+            || {
+                round.par_iter_mut().enumerate().for_each(|(c, chunk)| {
+                    let start = c as u64 * span;
+                    run_chunk(&rng, start, start + span, plan.probe, f, chunk);
+                })
+            },
+            || {
+                if let Some(kept) = &previous {
+                    kept.for_each(done);
+                }
+            },
+        );
+        let (used, skips) = stitch(round, f);
+        rng = round[used - 1].rng.clone();
+        let kept = Kept {
+            chunks: &round[..used],
+            skips,
+            limit: remaining,
+        };
+        remaining -= kept.len();
+        pending = Some((used, kept.skips, kept.limit));
+        turn = 1 - turn;
+    }
+    if let Some((used, skips, limit)) = pending {
+        // The set drawn last is the one `turn` no longer points at.
+        let kept = Kept {
+            chunks: &sets[1 - turn][..used],
+            skips,
+            limit,
+        };
+        kept.for_each(done);
+    }
+    if remaining > 0 {
+        let mut tail: Vec<T> = Vec::with_capacity(remaining);
+        let mut lcg = rng.lcg;
+        let mut draws = 0;
+        for _ in 0..remaining {
+            tail.push(f(standard_normal_counted(&mut lcg, &mut draws)));
+        }
+        done(&tail);
     }
 }
 
@@ -894,6 +1047,54 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_stream_hands_over_the_sequential_values_in_order_without_an_output() {
+        let entropy = [11, 0xfeed];
+        for n in [0usize, 1, 99, 5000, 30_000] {
+            let want = normals_seq(&entropy, n);
+            // Tiny probes and chunks force rounds that end early at an unmerged chunk, and
+            // a cap below the round's kept samples; sequential_below covers the tail path.
+            for (chunks, chunk_draws, probe, sequential_below) in [
+                (3, 7, 16, 0),
+                (4, 500, 16, 100),
+                (2, 1 << 20, 16, 0),
+                (5, 64, 1, 0),
+                (1, 64, 16, 0),
+            ] {
+                let plan = ParallelPlan {
+                    chunks,
+                    chunk_draws,
+                    probe,
+                    sequential_below,
+                };
+                let mut seen: Vec<f64> = Vec::new();
+                stream_normal_parallel_in_order_with(
+                    Pcg64::from_entropy(&entropy),
+                    0.0,
+                    0.02,
+                    n,
+                    &|v| v,
+                    plan,
+                    &mut |stretch: &[f64]| seen.extend_from_slice(stretch),
+                );
+                assert_eq!(
+                    seen.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "n {n} plan {plan:?}"
+                );
+            }
+        }
+        // The public entry point, through a map, against the full fill.
+        let mut full = vec![0u16; 300_000];
+        let to_f16 = |v: f64| half::f16::from_f32(v as f32).to_bits();
+        fill_normal_parallel(&entropy, 0.0, 0.02, &mut full, to_f16);
+        let mut streamed = Vec::new();
+        stream_normal_parallel_in_order(&entropy, 0.0, 0.02, full.len(), to_f16, |s: &[u16]| {
+            streamed.extend_from_slice(s)
+        });
+        assert_eq!(streamed, full);
     }
 
     #[test]
