@@ -576,12 +576,7 @@ fn fill_mapped_parallel<'a, T: Send + Sync, F: Fn(f64) -> T + Sync>(
         let (round, span) = plan_round(&mut chunks, &rng, remaining, chunks_per_round, chunk_draws);
         let previous = finished.take();
         rayon::join(
-            || {
-                round.par_iter_mut().enumerate().for_each(|(c, chunk)| {
-                    let start = c as u64 * span;
-                    run_chunk(&rng, start, start + span, plan.probe, f, chunk);
-                })
-            },
+            || draw_round(&rng, round, span, plan.probe, f),
             || {
                 if let Some(stretch) = previous {
                     done(stretch);
@@ -621,6 +616,21 @@ fn plan_round<'c, T>(
         });
     }
     (&mut chunks[..n_chunks], span)
+}
+
+/// Draw every chunk of a round, `span` draws each from where the previous one starts, in
+/// parallel.
+fn draw_round<T: Send, F: Fn(f64) -> T + Sync>(
+    rng: &Pcg64,
+    round: &mut [Chunk<T>],
+    span: u64,
+    probe: usize,
+    f: &F,
+) {
+    round.par_iter_mut().enumerate().for_each(|(c, chunk)| {
+        let start = c as u64 * span;
+        run_chunk(rng, start, start + span, probe, f, chunk);
+    })
 }
 
 /// The first `n` values of `normal(loc, scale)` from a fresh generator seeded with `entropy`,
@@ -722,12 +732,7 @@ fn stream_mapped_parallel<T: Send + Sync, F: Fn(f64) -> T + Sync>(
             limit,
         });
         rayon::join(
-            || {
-                round.par_iter_mut().enumerate().for_each(|(c, chunk)| {
-                    let start = c as u64 * span;
-                    run_chunk(&rng, start, start + span, plan.probe, f, chunk);
-                })
-            },
+            || draw_round(&rng, round, span, plan.probe, f),
             || {
                 if let Some(kept) = &previous {
                     kept.for_each(done);
