@@ -103,7 +103,7 @@ le_bytes_of!(f32);
 
 /// A value of the pool in the layout its hash covers: f16 bit patterns for float16 models,
 /// f32 for the others, so that a stretch of the pool is hashed as it lies in memory.
-trait PoolValue: LeBytes + Default {
+trait PoolValue: LeBytes {
     fn to_f32(self) -> f32;
 }
 
@@ -193,18 +193,19 @@ fn pool_facts_as<T: PoolValue>(
     }
 }
 
-/// [`PoolPass::Held`]: the pool filled whole, each finished stretch hashed by a task beside
-/// the drawing of the next; the parameters hashed from it afterwards, in parallel.
+/// [`PoolPass::Held`]: the pool kept whole, each stretch copied and hashed as it is drawn;
+/// the parameters hashed from it afterwards, in parallel.
 fn held_pool_facts<T: PoolValue>(
     entropy: &[u32],
     n: usize,
     slices: &[SliceOf],
     map: impl Fn(f64) -> T + Sync,
 ) -> PoolFacts {
-    let mut pool = vec![T::default(); n];
+    let mut pool = Vec::with_capacity(n);
     let mut h = Sha256::new();
-    rng::fill_normal_parallel_in_order(entropy, 0.0, weights::POOL_SCALE, &mut pool, map, |s| {
-        h.update(T::le_bytes(s))
+    rng::stream_normal_parallel(entropy, 0.0, weights::POOL_SCALE, n, map, |s| {
+        h.update(T::le_bytes(s));
+        pool.extend_from_slice(s);
     });
     let param_hashes = slices
         .par_iter()
@@ -247,7 +248,7 @@ fn streamed_pool_facts<T: PoolValue>(
     let mut pool_hasher = Sha256::new();
     let mut first8 = Vec::with_capacity(8);
     let mut at = 0usize;
-    rng::stream_normal_parallel_in_order(entropy, 0.0, weights::POOL_SCALE, n, map, |s| {
+    rng::stream_normal_parallel(entropy, 0.0, weights::POOL_SCALE, n, map, |s| {
         let span = at..at + s.len();
         first8.extend(s.iter().take(8 - first8.len()).map(|&v| v.to_f32()));
         rayon::join(

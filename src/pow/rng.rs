@@ -472,7 +472,7 @@ pub fn fill_standard_normal_parallel<T: Send + Sync>(
     map: impl Fn(f64) -> T + Sync,
 ) {
     let rng = Pcg64::from_entropy(entropy);
-    fill_mapped_parallel(rng, out, &map, ParallelPlan::default(), &mut |_| {});
+    fill_mapped_parallel(rng, out, &map, ParallelPlan::default());
 }
 
 /// [`fill_normal_parallel`] starting from the stream `rng` (at a sample boundary), with an
@@ -486,43 +486,7 @@ pub fn fill_normal_parallel_with<T: Send + Sync, F: Fn(f64) -> T + Sync>(
     map: &F,
     plan: ParallelPlan,
 ) {
-    fill_mapped_parallel(rng, out, &|z| map(loc + scale * z), plan, &mut |_| {});
-}
-
-/// [`fill_normal_parallel`] that hands each stretch of `out` to `done` as soon as it is
-/// final, in order (the stretches tile `out`). `done` runs on the rayon pool as one more task
-/// beside the drawing of the next stretch, so whatever it does (hash the stretch, say)
-/// shares the threads with the drawing instead of competing with them for the cores.
-pub fn fill_normal_parallel_in_order<'a, T: Send + Sync>(
-    entropy: &[u32],
-    loc: f64,
-    scale: f64,
-    out: &'a mut [T],
-    map: impl Fn(f64) -> T + Sync,
-    mut done: impl FnMut(&'a [T]) + Send,
-) {
-    let rng = Pcg64::from_entropy(entropy);
-    // Eight chunks per thread instead of two: the task running `done` takes a thread for a
-    // while, and smaller shares of the round let the others even out around it.
-    let plan = ParallelPlan {
-        chunks: 8 * rayon::current_num_threads().max(1),
-        ..ParallelPlan::default()
-    };
-    fill_normal_parallel_in_order_with(rng, loc, scale, out, &map, plan, &mut done);
-}
-
-/// [`fill_normal_parallel_in_order`] from the stream `rng`, with an explicit plan.
-#[doc(hidden)]
-pub fn fill_normal_parallel_in_order_with<'a, T: Send + Sync, F: Fn(f64) -> T + Sync>(
-    rng: Pcg64,
-    loc: f64,
-    scale: f64,
-    out: &'a mut [T],
-    map: &F,
-    plan: ParallelPlan,
-    done: &mut (dyn FnMut(&'a [T]) + Send),
-) {
-    fill_mapped_parallel(rng, out, &|z| map(loc + scale * z), plan, done);
+    fill_mapped_parallel(rng, out, &|z| map(loc + scale * z), plan);
 }
 
 /// One chunk of a round: its own copy of the stream, the samples it made and the stream
@@ -549,49 +513,27 @@ struct Chunk<T> {
 /// that chunk's position, which is a true boundary, and the next round starts there: later
 /// chunks are redone rather than trusted. Rounds aim slightly short of the count still
 /// missing, and the last few samples are drawn sequentially.
-fn fill_mapped_parallel<'a, T: Send + Sync, F: Fn(f64) -> T + Sync>(
+fn fill_mapped_parallel<T: Send, F: Fn(f64) -> T + Sync>(
     mut rng: Pcg64,
-    out: &'a mut [T],
+    out: &mut [T],
     f: &F,
     plan: ParallelPlan,
-    done: &mut (dyn FnMut(&'a [T]) + Send),
 ) {
     let chunks_per_round = plan.chunks.max(1);
     let chunk_draws = plan.chunk_draws.max(1);
     let mut chunks: Vec<Chunk<T>> = Vec::new();
-    // What is still to be filled; each round's stretch is split off its front, handed to
-    // `done` (as one more task beside the next round's chunks) and never written again.
-    let mut rest = out;
-    let mut finished: Option<&'a [T]> = None;
-    while !rest.is_empty() {
-        let remaining = rest.len();
+    let mut done = 0usize;
+    while done < out.len() {
+        let remaining = out.len() - done;
         if remaining <= plan.sequential_below || chunks_per_round == 1 {
-            if let Some(stretch) = finished.take() {
-                done(stretch);
-            }
-            fill_sequential(&mut rng, rest, f);
-            done(rest);
+            fill_sequential(&mut rng, &mut out[done..], f);
             return;
         }
         let (round, span) = plan_round(&mut chunks, &rng, remaining, chunks_per_round, chunk_draws);
-        let previous = finished.take();
-        rayon::join(
-            || draw_round(&rng, round, span, plan.probe, f),
-            || {
-                if let Some(stretch) = previous {
-                    done(stretch);
-                }
-            },
-        );
+        draw_round(&rng, round, span, plan.probe, f);
         let (used, skips) = stitch(round, f);
         rng = round[used - 1].rng.clone();
-        let written = copy_out(&mut round[..used], &skips, rest);
-        let (stretch, tail) = std::mem::take(&mut rest).split_at_mut(written);
-        finished = Some(stretch);
-        rest = tail;
-    }
-    if let Some(stretch) = finished {
-        done(stretch);
+        done += copy_out(&mut round[..used], &skips, &mut out[done..]);
     }
 }
 
@@ -635,11 +577,13 @@ fn draw_round<T: Send, F: Fn(f64) -> T + Sync>(
 
 /// The first `n` values of `normal(loc, scale)` from a fresh generator seeded with `entropy`,
 /// each mapped through `map`, handed to `done` in order as stretches that tile them, without
-/// ever holding them all: [`fill_normal_parallel_in_order`] for a consumer that only reads
-/// the values once (a hash, say). Two rounds of chunks are alive at a time (a few MB): the
+/// ever holding them all (a consumer that keeps them copies them). `done` runs on the rayon
+/// pool as one more task beside the drawing of the next round, so whatever it does (hash
+/// the values, say) shares the threads with the drawing instead of competing with them for
+/// the cores. Two rounds of chunks are alive at a time (a few MB): the
 /// one `done` reads and the one being drawn beside it. Equal to the sequential stream bit
 /// for bit.
-pub fn stream_normal_parallel_in_order<T: Send + Sync>(
+pub fn stream_normal_parallel<T: Send + Sync>(
     entropy: &[u32],
     loc: f64,
     scale: f64,
@@ -647,6 +591,8 @@ pub fn stream_normal_parallel_in_order<T: Send + Sync>(
     map: impl Fn(f64) -> T + Sync,
     mut done: impl FnMut(&[T]) + Send,
 ) {
+    // Eight chunks per thread instead of two: the task running `done` takes a thread for a
+    // while, and smaller shares of the round let the others even out around it.
     let plan = ParallelPlan {
         chunks: 8 * rayon::current_num_threads().max(1),
         ..ParallelPlan::default()
@@ -655,9 +601,9 @@ pub fn stream_normal_parallel_in_order<T: Send + Sync>(
     stream_mapped_parallel(rng, n, &|z| map(loc + scale * z), plan, &mut done);
 }
 
-/// [`stream_normal_parallel_in_order`] from the stream `rng`, with an explicit plan.
+/// [`stream_normal_parallel`] from the stream `rng`, with an explicit plan.
 #[doc(hidden)]
-pub fn stream_normal_parallel_in_order_with<T: Send + Sync, F: Fn(f64) -> T + Sync>(
+pub fn stream_normal_parallel_with<T: Send + Sync, F: Fn(f64) -> T + Sync>(
     rng: Pcg64,
     loc: f64,
     scale: f64,
@@ -700,7 +646,7 @@ impl<T> Kept<'_, T> {
     }
 }
 
-/// [`fill_mapped_parallel`] without an output: the rounds are drawn into two sets of chunks
+/// [`fill_mapped_parallel`] handing each round to `done` instead of copying it out: the rounds are drawn into two sets of chunks
 /// in turn, and `done` reads the kept samples of one round straight from its chunks while
 /// the next round is drawn into the other set (no copy, no output to fault in).
 fn stream_mapped_parallel<T: Send + Sync, F: Fn(f64) -> T + Sync>(
@@ -1075,55 +1021,12 @@ mod tests {
                     sequential_below,
                 };
                 let mut seen: Vec<f64> = Vec::new();
-                stream_normal_parallel_in_order_with(
+                let mut stretches = 0;
+                stream_normal_parallel_with(
                     Pcg64::from_entropy(&entropy),
                     0.0,
                     0.02,
                     n,
-                    &|v| v,
-                    plan,
-                    &mut |stretch: &[f64]| seen.extend_from_slice(stretch),
-                );
-                assert_eq!(
-                    seen.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    "n {n} plan {plan:?}"
-                );
-            }
-        }
-        // The public entry point, through a map, against the full fill.
-        let mut full = vec![0u16; 300_000];
-        let to_f16 = |v: f64| half::f16::from_f32(v as f32).to_bits();
-        fill_normal_parallel(&entropy, 0.0, 0.02, &mut full, to_f16);
-        let mut streamed = Vec::new();
-        stream_normal_parallel_in_order(&entropy, 0.0, 0.02, full.len(), to_f16, |s: &[u16]| {
-            streamed.extend_from_slice(s)
-        });
-        assert_eq!(streamed, full);
-    }
-
-    #[test]
-    fn in_order_stretches_tile_the_output_as_they_become_final() {
-        let entropy = [7, 0x5eed];
-        for n in [0usize, 1, 99, 5000, 30_000] {
-            let want = normals_seq(&entropy, n);
-            for (chunks, chunk_draws, sequential_below) in
-                [(3, 7, 0), (4, 500, 100), (2, 1 << 20, 0)]
-            {
-                let plan = ParallelPlan {
-                    chunks,
-                    chunk_draws,
-                    probe: 16,
-                    sequential_below,
-                };
-                let mut got = vec![f64::NAN; n];
-                let mut seen: Vec<f64> = Vec::new();
-                let mut stretches = 0;
-                fill_normal_parallel_in_order_with(
-                    Pcg64::from_entropy(&entropy),
-                    0.0,
-                    0.02,
-                    &mut got,
                     &|v| v,
                     plan,
                     &mut |stretch: &[f64]| {
@@ -1134,12 +1037,24 @@ mod tests {
                         stretches += 1;
                     },
                 );
-                assert_eq!(seen.len(), n, "the stretches cover the output");
-                assert_eq!(got, want);
-                if n > 1000 && chunk_draws < 1000 {
+                assert_eq!(
+                    seen.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "n {n} plan {plan:?}"
+                );
+                if n > 1000 && chunk_draws < 1000 && chunks > 1 {
                     assert!(stretches > 1, "n {n}: handed over in more than one stretch");
                 }
             }
         }
+        // The public entry point, through a map, against the full fill.
+        let mut full = vec![0u16; 300_000];
+        let to_f16 = |v: f64| half::f16::from_f32(v as f32).to_bits();
+        fill_normal_parallel(&entropy, 0.0, 0.02, &mut full, to_f16);
+        let mut streamed = Vec::new();
+        stream_normal_parallel(&entropy, 0.0, 0.02, full.len(), to_f16, |s: &[u16]| {
+            streamed.extend_from_slice(s)
+        });
+        assert_eq!(streamed, full);
     }
 }
