@@ -131,6 +131,16 @@ impl BatchResult {
         self
     }
 
+    /// Keep every nonce's distance only when `all_distances` (what a batch was run with, see
+    /// [`super::Backend::run_batch`]).
+    pub fn keeping_distances(self, all_distances: bool) -> Self {
+        if all_distances {
+            self
+        } else {
+            self.without_distances()
+        }
+    }
+
     /// Every nonce's distance, when the batch was run with all distances.
     pub fn distances(&self) -> Option<&[f64]> {
         self.dist.as_deref()

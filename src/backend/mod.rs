@@ -86,12 +86,7 @@ pub trait Backend: Send + Sync + 'static {
         all_distances: bool,
     ) -> Result<BatchResult, BackendError> {
         let logits = self.forward_last_logits(model, &batch.inputs, batch.nonces.len())?;
-        let r = batch::finish(job, batch, &logits);
-        Ok(if all_distances {
-            r
-        } else {
-            r.without_distances()
-        })
+        Ok(batch::finish(job, batch, &logits).keeping_distances(all_distances))
     }
 
     /// Whether host-side preparation of the next batch should overlap this device's compute

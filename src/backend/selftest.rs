@@ -642,11 +642,7 @@ mod tests {
                 }
             }
             let moved = BatchResult::from_distances(r.nonces, dist, job.r_target);
-            Ok(if all_distances {
-                moved
-            } else {
-                moved.without_distances()
-            })
+            Ok(moved.keeping_distances(all_distances))
         }
         fn bytes_per_nonce(&self, params: &Params) -> u64 {
             self.cpu.bytes_per_nonce(params)

@@ -398,11 +398,7 @@ impl Backend for FakeGpu {
             public_key: job.public_key.clone(),
             nonces: b.nonces,
         });
-        Ok(if all_distances {
-            r
-        } else {
-            r.without_distances()
-        })
+        Ok(r.keeping_distances(all_distances))
     }
     fn overlaps_preparation(&self) -> bool {
         self.overlap

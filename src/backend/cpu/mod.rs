@@ -1128,12 +1128,7 @@ impl Backend for CpuBackend {
     ) -> Result<BatchResult, BackendError> {
         let m = downcast_model::<CpuModel>(model, &self.name())?;
         let logits = self.forward_until(m, &batch.inputs, batch.nonces.len(), &job.stop)?;
-        let r = batch::finish(job, batch, &logits);
-        Ok(if all_distances {
-            r
-        } else {
-            r.without_distances()
-        })
+        Ok(batch::finish(job, batch, &logits).keeping_distances(all_distances))
     }
 
     /// The CPU computes in host memory: the whole forward pass's activations.
