@@ -17,7 +17,10 @@
 use llama_pow::backend::cpu::{forward_last_logits_with, CpuModel, ForwardScratch};
 use llama_pow::pow::dtype::Dtype;
 use llama_pow::pow::params::Params;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod common;
+use common::{time, uniform};
 
 const BLOCK_HASH: &str = "5f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8";
 
@@ -26,35 +29,6 @@ fn golden_params(case: &str) -> Params {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let v: serde_json::Value = serde_json::from_str(&text).expect("golden JSON");
     serde_json::from_value(v["params"].clone()).expect("golden params")
-}
-
-/// Inputs need not be the protocol's for timing: a cheap deterministic fill of the right
-/// magnitude, rounded to the dtype.
-fn inputs(n: usize, dtype: Dtype) -> Vec<f32> {
-    let mut s = 0x2545_F491_4F6C_DD1Du64;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
-            dtype.round(3.4 * u - 1.7)
-        })
-        .collect()
-}
-
-/// CPU time this process has used (all threads), in seconds: on a shared machine it moves
-/// far less with other load than the wall clock does.
-fn cpu_seconds() -> f64 {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes one rusage into the pointer, which is valid and sized for it;
-    // a zeroed rusage is a valid value of the type whatever the call does.
-    let usage = unsafe {
-        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
-        usage.assume_init()
-    };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 fn main() {
@@ -88,22 +62,19 @@ fn main() {
         let batch = batch_override.unwrap_or(default_batch);
         for &dtype in &dtypes {
             let model = CpuModel::build(BLOCK_HASH, &params, dtype).expect("model");
-            let x = inputs(batch * params.seq_len_usize() * params.dim_usize(), dtype);
-            // Scratch buffers are reused across batches, as the CPU backend does. Warm up
-            // (thread pool, first touch of the buffers).
+            let x = uniform(
+                batch * params.seq_len_usize() * params.dim_usize(),
+                1.7,
+                dtype,
+                0x2545_F491_4F6C_DD1D,
+            );
+            // Scratch buffers are reused across batches, as the CPU backend does; the untimed
+            // first call warms up the thread pool and first touches the buffers.
             let mut scratch = ForwardScratch::new();
-            std::hint::black_box(forward_last_logits_with(&mut scratch, &model, &x, batch));
-            let budget = Duration::from_secs_f64(seconds);
-            let start = Instant::now();
-            let cpu_start = cpu_seconds();
-            let mut batches = 0usize;
-            while batches == 0 || start.elapsed() < budget {
+            let t = time(Duration::from_secs_f64(seconds), || {
                 std::hint::black_box(forward_last_logits_with(&mut scratch, &model, &x, batch));
-                batches += 1;
-            }
-            let elapsed = start.elapsed().as_secs_f64();
-            let cpu = cpu_seconds() - cpu_start;
-            let nonces = batches * batch;
+            });
+            let nonces = t.calls as usize * batch;
             println!(
                 "{}",
                 serde_json::json!({
@@ -115,10 +86,10 @@ fn main() {
                     "seq_len": params.seq_len,
                     "threads": threads,
                     "nonces": nonces,
-                    "seconds": elapsed,
-                    "nonces_per_s": nonces as f64 / elapsed,
-                    "ms_per_batch": 1e3 * elapsed / batches as f64,
-                    "cpu_ms_per_batch": 1e3 * cpu / batches as f64,
+                    "seconds": t.wall,
+                    "nonces_per_s": nonces as f64 / t.wall,
+                    "ms_per_batch": 1e3 * t.wall_per_call(),
+                    "cpu_ms_per_batch": 1e3 * t.cpu_per_call(),
                 })
             );
         }

@@ -12,47 +12,10 @@
 
 use llama_pow::backend::cpu::matmul::{linear, Features, Kernel, PackedWeight};
 use llama_pow::pow::dtype::{Dtype, RoundBf16, RoundF16, RoundF32};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-fn values(n: usize, scale: f32, dtype: Dtype, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
-            dtype.round((2.0 * u - 1.0) * scale)
-        })
-        .collect()
-}
-
-/// CPU time this process has used (all threads), in seconds.
-fn cpu_seconds() -> f64 {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes one rusage into the pointer, which is valid and sized for it;
-    // a zeroed rusage is a valid value of the type whatever the call does.
-    let usage = unsafe {
-        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
-        usage.assume_init()
-    };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
-
-/// Run `f` repeatedly for about `budget`; (wall seconds, CPU seconds) per call.
-fn time(budget: Duration, mut f: impl FnMut()) -> (f64, f64) {
-    f();
-    let start = Instant::now();
-    let cpu = cpu_seconds();
-    let mut calls = 0u32;
-    while calls == 0 || start.elapsed() < budget {
-        f();
-        calls += 1;
-    }
-    let n = f64::from(calls);
-    (start.elapsed().as_secs_f64() / n, (cpu_seconds() - cpu) / n)
-}
+mod common;
+use common::{time, uniform, Timed};
 
 fn main() {
     let seconds: f64 = std::env::var("MATMUL_SECONDS")
@@ -74,10 +37,11 @@ fn main() {
         };
         let flop = 2.0 * (m * n * k) as f64;
         for dtype in [Dtype::F16, Dtype::Bf16, Dtype::F32] {
-            let x = values(m * k, 2.0, dtype, 1);
-            let w = values(n * k, 0.05, dtype, 2);
+            let x = uniform(m * k, 2.0, dtype, 1);
+            let w = uniform(n * k, 0.05, dtype, 2);
             let mut dst = vec![0f32; m * n];
-            let report = |path: &str, (secs, cpu): (f64, f64)| {
+            let report = |path: &str, t: Timed| {
+                let (secs, cpu) = (t.wall_per_call(), t.cpu_per_call());
                 println!(
                     "{}",
                     serde_json::json!({
