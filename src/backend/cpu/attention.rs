@@ -6,8 +6,8 @@
 //! kv head are first transposed (`t`-major, keys contiguous), so that one pass over `t`
 //! advances every key's sum by one term: the same products, added in the same order to
 //! the same -0.0 start (`Iterator::sum`'s), so every score is bit-identical; only
-//! independent sums run side by side in vector lanes. Softmax and the product with `v` are
-//! the readable version's loops.
+//! independent sums run side by side in vector lanes. Softmax after its maximum is the
+//! readable version's own function; the product with `v` sums in the same order.
 
 use super::simd::wide_fn;
 use super::AttnShape;
@@ -147,16 +147,7 @@ fn row<R: Rounding>(
             let raw = R::round(*s);
             *s = R::round(raw / scale);
         }
-        let max = max_in_lanes(scores);
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0f32 / sum;
-        for s in scores.iter_mut() {
-            *s = R::round(*s * inv);
-        }
+        super::softmax_from_max::<R>(scores, max_in_lanes(scores));
         // o[t] = sum_j p_j v_j[t], j in order from +0.0, up to 64 components at a time in
         // four vector accumulators.
         let oh = &mut orow[h * hd..(h + 1) * hd];

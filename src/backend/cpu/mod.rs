@@ -381,6 +381,22 @@ pub struct AttnShape {
     pub q_rows_per_batch: usize,
 }
 
+/// The rest of a softmax once `max` (of the unmasked scores) is known: `exp(s - max)`, summed
+/// in order, then every value times the reciprocal of the sum (as the reference's softmax
+/// does), rounded to the dtype. Shared with the vectorised attention, whose scores it must
+/// treat exactly as the readable one does.
+fn softmax_from_max<R: Rounding>(scores: &mut [f32], max: f32) {
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0f32 / sum;
+    for s in scores.iter_mut() {
+        *s = R::round(*s * inv);
+    }
+}
+
 /// Causal attention. `q` holds `batch * q_rows_per_batch` rows of `n_heads * head_dim`
 /// (rotated), `k` and `v` hold `batch * seq` rows of `n_kv_heads * head_dim`; query row `r`
 /// of nonce `b` sits at position `seq - q_rows_per_batch + r % q_rows_per_batch`. Writes the
@@ -423,16 +439,7 @@ pub fn attention<R: Rounding>(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], 
                         *s = R::round(raw / scale);
                         max = max.max(*s);
                     }
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    // The reference's softmax multiplies by the reciprocal of the sum.
-                    let inv = 1.0f32 / sum;
-                    for s in scores.iter_mut() {
-                        *s = R::round(*s * inv);
-                    }
+                    softmax_from_max::<R>(scores, max);
                     let oh = &mut orow[h * hd..(h + 1) * hd];
                     oh.fill(0.0);
                     for (j, &p) in scores.iter().enumerate() {
