@@ -384,7 +384,9 @@ pub struct AttnShape {
 /// The rest of a softmax once `max` (of the unmasked scores) is known: `exp(s - max)`, summed
 /// in order, then every value times the reciprocal of the sum (as the reference's softmax
 /// does), rounded to the dtype. Shared with the vectorised attention, whose scores it must
-/// treat exactly as the readable one does.
+/// treat exactly as the readable one does (inlined, so that it is compiled for the vectors
+/// of the function that calls it).
+#[inline(always)]
 fn softmax_from_max<R: Rounding>(scores: &mut [f32], max: f32) {
     let mut sum = 0f32;
     for s in scores.iter_mut() {
