@@ -298,7 +298,7 @@ mod tests {
     #[tokio::test]
     async fn redirects_are_not_followed() {
         let (url, seen) = stub(
-            "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://198.51.100.7/steal\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.2:9/steal\r\nContent-Length: 0\r\n\r\n",
             false,
         )
         .await;
@@ -311,7 +311,7 @@ mod tests {
             e,
             CallError::Redirect {
                 status: 307,
-                location: "http://198.51.100.7/steal".into()
+                location: "http://127.0.0.2:9/steal".into()
             }
         );
         assert!(e.to_string().contains("redirects are not followed"), "{e}");
