@@ -10,6 +10,7 @@ use crate::engine::{BatchReport, Engine, Job, JobEnd, JobEvent, JobHandle, Model
 use crate::logsafe::{prefix16, scrub};
 use crate::pow::params::Params;
 use crate::pow::request::parse_params;
+use crate::session::client::CallError;
 use crate::session::lines::{BatchFields, ErrorLine, LineSink, PREEMPTED};
 use crate::session::Shutdown;
 use serde_json::{json, Value};
@@ -168,28 +169,45 @@ impl<'e, O: OrchestratorApi> Session<'e, O> {
             .enumerate()
             .map(|(i, n)| json!({"index": i, "name": n}))
             .collect();
+        let n = self.n_workers();
+        match self
+            .retried("registration attempt", || self.orch.connect(n, &gpu_info))
+            .await
+        {
+            Ok(v) => {
+                self.cfg.update(&v);
+                Ok(())
+            }
+            Err(Some(o)) => Err(o),
+            Err(None) => {
+                self.error_line("Failed to register with orchestrator", "ConnectionError");
+                Err(Outcome::NotRegistered)
+            }
+        }
+    }
+
+    /// `call` until it answers: at most once more than [`RETRY_DELAYS`] has delays, pausing
+    /// that long after each failure (logged as `what` with its number). `Err(None)` when
+    /// every call failed, `Err(Some(outcome))` when the session had to end during a pause.
+    async fn retried<F: std::future::Future<Output = Result<Value, CallError>>>(
+        &self,
+        what: &str,
+        call: impl Fn() -> F,
+    ) -> Result<Value, Option<Outcome>> {
         for attempt in 0..=RETRY_DELAYS.len() {
-            match self.orch.connect(self.n_workers(), &gpu_info).await {
-                Ok(v) => {
-                    self.cfg.update(&v);
-                    return Ok(());
-                }
+            match call().await {
+                Ok(v) => return Ok(v),
                 Err(e) => {
-                    tracing::warn!(
-                        "pooled {}: registration attempt {} failed: {e}",
-                        self.id(),
-                        attempt + 1
-                    );
+                    tracing::warn!("pooled {}: {what} {} failed: {e}", self.id(), attempt + 1);
                     if let Some(&d) = RETRY_DELAYS.get(attempt) {
                         if let Some(o) = self.pause_for(Duration::from_secs(d)).await {
-                            return Err(o);
+                            return Err(Some(o));
                         }
                     }
                 }
             }
         }
-        self.error_line("Failed to register with orchestrator", "ConnectionError");
-        Err(Outcome::NotRegistered)
+        Err(None)
     }
 
     fn start_heartbeat(&mut self) {
@@ -337,28 +355,18 @@ impl<'e, O: OrchestratorApi> Session<'e, O> {
     }
 
     async fn notify_ready(&mut self) -> Result<(), Outcome> {
-        for attempt in 0..=RETRY_DELAYS.len() {
-            match self.orch.ready(self.n_workers()).await {
-                Ok(v) => {
-                    self.cfg.update(&v);
-                    return Ok(());
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "pooled {}: ready notice {} failed: {e}",
-                        self.id(),
-                        attempt + 1
-                    );
-                    if let Some(&d) = RETRY_DELAYS.get(attempt) {
-                        if let Some(o) = self.pause_for(Duration::from_secs(d)).await {
-                            return Err(o);
-                        }
-                    }
-                }
+        let n = self.n_workers();
+        match self.retried("ready notice", || self.orch.ready(n)).await {
+            Ok(v) => {
+                self.cfg.update(&v);
+                Ok(())
+            }
+            Err(Some(o)) => Err(o),
+            Err(None) => {
+                self.error_line("Failed to notify ready", "ConnectionError");
+                Err(Outcome::Failed("cannot notify ready".into()))
             }
         }
-        self.error_line("Failed to notify ready", "ConnectionError");
-        Err(Outcome::Failed("cannot notify ready".into()))
     }
 
     /// Apply the current config to the job; `switch` restarts the range.
@@ -712,7 +720,6 @@ mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
     use crate::engine::EngineOptions;
-    use crate::session::client::CallError;
     use crate::session::pooled::ClientBounds;
     use crate::session::pooled::ResultPoster;
     use std::cell::RefCell;
